@@ -1,0 +1,8 @@
+"""nvae_hub: NVAE, the deep hierarchical VAE of Vahdat & Kautz (NeurIPS 2020), ready to train, load, sample,
+export and explore."""
+
+from .config import NVAEConfig
+from .model import NVAE, Latents, LossOutput
+
+__all__ = ["NVAE", "Latents", "LossOutput", "NVAEConfig"]
+__version__ = "0.1.0"

@@ -1,0 +1,265 @@
+"""NVAEConfig: every architectural and loss choice of an NVAE, validated, with presets and a JSON round trip."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+OUTPUTS = ("bernoulli", "logistic_mixture")
+CHANNEL_MULT = 2  # every down-sampling doubles the channels, every up-sampling halves them
+
+
+@dataclass(frozen=True)
+class NVAEConfig:
+    """The shape of an NVAE.
+
+    The names follow the paper (Vahdat & Kautz, 2020, Table 6 and the official code's flags).
+    Latent groups live in ``num_scales`` spatial scales; the coarsest scale is scale 0.
+    """
+
+    image_size: int = 32
+    """Height and width of the images (square)."""
+    channels: int = 3
+    """Image channels: 1 (grayscale) or 3 (RGB)."""
+    padding: int = 0
+    """Pixels of zero padding added on each side inside the model (MNIST: 28 + 2*2 = 32).
+    The likelihood counts only the real pixels."""
+    output: str = "logistic_mixture"
+    """Output distribution: 'bernoulli' for binary data, 'logistic_mixture' for n-bit data."""
+    num_mixtures: int = 10
+    """Components of the discretised logistic mixture."""
+    num_bits: int = 8
+    """Bits per pixel of the data modelled by the logistic mixture (5 for CelebA-HQ 256 in the paper)."""
+
+    num_channels: int = 32
+    """Channels after the stem; each down-sampling doubles them."""
+    num_preprocess_blocks: int = 1
+    """Pre-processing blocks; each ends with a down-sampling cell."""
+    num_preprocess_cells: int = 2
+    """Cells per pre-processing block (the last one down-samples)."""
+    num_postprocess_blocks: int = 1
+    """Post-processing blocks; each starts with an up-sampling cell."""
+    num_postprocess_cells: int = 2
+    """Cells per post-processing block (the first one up-samples)."""
+
+    num_scales: int = 2
+    """Spatial scales of the latent hierarchy."""
+    groups_per_scale: int = 10
+    """Latent groups in the finest scale (and in every scale when ``adaptive_groups`` is off)."""
+    adaptive_groups: bool = True
+    """Halve the number of groups at each coarser scale (the paper's 'adaptive group counts')."""
+    min_groups_per_scale: int = 1
+    """Lower bound of the adaptive group count."""
+    latent_channels: int = 20
+    """Channels of each latent group."""
+    cells_per_group_enc: int = 2
+    """Encoder residual cells per latent group."""
+    cells_per_group_dec: int = 2
+    """Decoder cells per latent group."""
+    use_se: bool = True
+    """Squeeze-and-excitation in every cell."""
+
+    reg_weight: float = 1e-2
+    """Weight of the spectral and batch-norm regularisers (the paper's lambda)."""
+    reg_weight_init: float | None = None
+    """If set, the regulariser weight is annealed (log-linearly) from this value to ``reg_weight``
+    during KL warm-up, as for CelebA-HQ 256 in the paper."""
+    power_iterations: int = 4
+    """Power iterations per training step for the spectral regulariser."""
+    kl_balance: bool = True
+    """Balance the KL across groups during KL warm-up."""
+
+    name: str = field(default="custom", compare=False)
+    """A label (the preset name); not part of the architecture."""
+
+    def __post_init__(self) -> None:
+        self._validate()
+
+    # ------------------------------------------------------------------ derived quantities
+    @property
+    def padded_size(self) -> int:
+        """Image size seen by the network, padding included."""
+        return self.image_size + 2 * self.padding
+
+    @property
+    def total_downsampling(self) -> int:
+        """Factor between the padded image and the coarsest latent scale."""
+        return 2 ** (self.num_preprocess_blocks + self.num_scales - 1)
+
+    @property
+    def groups_per_scale_list(self) -> list[int]:
+        """Groups in each scale, coarsest scale first."""
+        counts, n = [], self.groups_per_scale
+        for _ in range(self.num_scales):  # finest first, as the encoder meets them
+            counts.append(n)
+            if self.adaptive_groups:
+                n = max(self.min_groups_per_scale, n // 2)
+        return counts[::-1]
+
+    @property
+    def num_groups(self) -> int:
+        """Total number of latent groups."""
+        return sum(self.groups_per_scale_list)
+
+    def latent_shape(self, scale: int) -> tuple[int, int, int]:
+        """(channels, height, width) of one latent group at ``scale`` (0 = coarsest)."""
+        side = self.padded_size // self.total_downsampling * 2**scale
+        return (self.latent_channels, side, side)
+
+    @property
+    def output_channels(self) -> int:
+        """Channels of the decoder's output-distribution parameters."""
+        if self.output == "bernoulli":
+            return self.channels
+        c = self.channels
+        return self.num_mixtures * (1 + 2 * c + c * (c - 1) // 2)
+
+    # ------------------------------------------------------------------ validation
+    def _validate(self) -> None:
+        def fail(name: str, rule: str) -> None:
+            raise ValueError(f"NVAEConfig.{name}={getattr(self, name)!r} is invalid: {rule}")
+
+        positive = [
+            "image_size", "channels", "num_mixtures", "num_bits", "num_channels", "num_preprocess_blocks",
+            "num_preprocess_cells", "num_postprocess_blocks", "num_postprocess_cells", "num_scales",
+            "groups_per_scale", "min_groups_per_scale", "latent_channels", "cells_per_group_enc",
+            "cells_per_group_dec",
+        ]
+        for name in positive:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                fail(name, "it must be an integer >= 1")
+        for name in ["adaptive_groups", "use_se", "kl_balance"]:
+            if not isinstance(getattr(self, name), bool):
+                fail(name, "it must be true or false")
+        if isinstance(self.padding, bool) or not isinstance(self.padding, int) or self.padding < 0:
+            fail("padding", "it must be an integer >= 0")
+        if isinstance(self.power_iterations, bool) or not isinstance(self.power_iterations, int) or (
+            self.power_iterations < 1
+        ):
+            fail("power_iterations", "it must be an integer >= 1")
+        if self.output not in OUTPUTS:
+            fail("output", f"it must be one of {', '.join(OUTPUTS)}")
+        if self.channels not in (1, 3):
+            fail("channels", "it must be 1 (grayscale) or 3 (RGB)")
+        if self.num_bits > 16:
+            fail("num_bits", "it must be at most 16")
+        if self.num_preprocess_blocks != self.num_postprocess_blocks:
+            fail("num_postprocess_blocks", "it must equal num_preprocess_blocks so the decoder returns to the "
+                 "image resolution")
+        for name in ["reg_weight", "reg_weight_init"]:
+            value = getattr(self, name)
+            if value is None and name == "reg_weight_init":
+                continue
+            if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value) or (
+                value < 0
+            ):
+                fail(name, "it must be a finite number >= 0")
+        if self.reg_weight_init is not None and (self.reg_weight_init <= 0 or self.reg_weight <= 0):
+            fail("reg_weight_init", "annealing is log-linear, so reg_weight_init and reg_weight must be > 0")
+        if self.padded_size % self.total_downsampling:
+            fail(
+                "image_size",
+                f"image_size + 2*padding = {self.padded_size} must be divisible by the total down-sampling "
+                f"2**(num_preprocess_blocks + num_scales - 1) = {self.total_downsampling}; change padding, "
+                f"image_size or the number of blocks/scales",
+            )
+
+    # ------------------------------------------------------------------ (de)serialisation
+    def to_dict(self) -> dict[str, Any]:
+        """A plain dict of every field (JSON-serialisable)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> NVAEConfig:
+        """Build a config from a dict; unknown keys are an error (they usually mean a typo)."""
+        if not isinstance(data, dict):
+            raise ValueError(f"an NVAE config must be a JSON object, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known - {"model_type"})
+        if unknown:
+            raise ValueError(f"unknown NVAEConfig field(s): {', '.join(unknown)}")
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def to_json(self) -> str:
+        """The config as a JSON string."""
+        return json.dumps({"model_type": "nvae", **self.to_dict()}, indent=2, sort_keys=False)
+
+    @classmethod
+    def from_json(cls, text: str) -> NVAEConfig:
+        """Parse a config from a JSON string."""
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"config is not valid JSON: {err}") from err
+        return cls.from_dict(data)
+
+    def save(self, path: str | Path) -> None:
+        """Write the config as JSON to ``path``."""
+        Path(path).write_text(self.to_json() + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> NVAEConfig:
+        """Read a config from a JSON file."""
+        return cls.from_json(Path(path).read_text())
+
+    def replace(self, **changes: Any) -> NVAEConfig:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    # ------------------------------------------------------------------ presets
+    @classmethod
+    def preset(cls, name: str) -> NVAEConfig:
+        """A named configuration: one of ``NVAEConfig.presets()``."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+        return cls(name=name, **PRESETS[name])
+
+    @staticmethod
+    def presets() -> list[str]:
+        """Names of the built-in presets."""
+        return list(PRESETS)
+
+
+_MNIST = dict(image_size=28, channels=1, padding=2, output="bernoulli")
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # For tests: a forward and backward pass at batch 4 takes a fraction of a second on a CPU.
+    "tiny": dict(
+        image_size=16, channels=1, output="bernoulli", num_channels=8, num_preprocess_blocks=1,
+        num_preprocess_cells=1, num_postprocess_blocks=1, num_postprocess_cells=1, num_scales=2,
+        groups_per_scale=2, latent_channels=4, cells_per_group_enc=1, cells_per_group_dec=1,
+    ),
+    # Trainable on a 2-core CPU to recognisable digits in about an hour.
+    "mnist-small": dict(
+        **_MNIST, num_channels=16, num_preprocess_blocks=2, num_preprocess_cells=2,
+        num_postprocess_blocks=2, num_postprocess_cells=2, num_scales=2, groups_per_scale=4,
+        latent_channels=10, cells_per_group_enc=1, cells_per_group_dec=1,
+    ),
+    # The paper's configurations (the official code's training commands; normalising flows are not used).
+    "mnist": dict(
+        **_MNIST, num_channels=32, num_preprocess_blocks=2, num_preprocess_cells=3, num_postprocess_blocks=2,
+        num_postprocess_cells=3, num_scales=2, groups_per_scale=10, latent_channels=20,
+        cells_per_group_enc=2, cells_per_group_dec=2, reg_weight=1e-2,
+    ),
+    "cifar10": dict(
+        image_size=32, channels=3, num_channels=128, num_preprocess_blocks=1, num_preprocess_cells=2,
+        num_postprocess_blocks=1, num_postprocess_cells=2, num_scales=1, groups_per_scale=30,
+        latent_channels=20, cells_per_group_enc=2, cells_per_group_dec=2, reg_weight=1e-2,
+    ),
+    "celeba64": dict(
+        image_size=64, channels=3, num_channels=64, num_preprocess_blocks=1, num_preprocess_cells=2,
+        num_postprocess_blocks=1, num_postprocess_cells=2, num_scales=3, groups_per_scale=20,
+        latent_channels=20, cells_per_group_enc=2, cells_per_group_dec=2, reg_weight=1e-1,
+    ),
+    "celeba256": dict(
+        image_size=256, channels=3, num_bits=5, num_channels=30, num_preprocess_blocks=1,
+        num_preprocess_cells=2, num_postprocess_blocks=1, num_postprocess_cells=2, num_scales=5,
+        groups_per_scale=16, min_groups_per_scale=4, latent_channels=20, cells_per_group_enc=2,
+        cells_per_group_dec=2, reg_weight=1e-2, reg_weight_init=1.0,
+    ),
+}

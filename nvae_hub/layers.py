@@ -1,0 +1,196 @@
+"""The building blocks of NVAE: weight-normalised convolutions and the residual cells.
+
+Encoder side: residual cells of two BN-Swish-Conv 3x3 layers. Decoder side: MobileNet-style cells
+(BN, 1x1 expand, BN-Swish, depthwise 5x5, BN-Swish, 1x1 project, BN). Every cell ends with
+squeeze-and-excitation and is added to its skip path with a 0.1 scale.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+BN_MOMENTUM = 0.05
+BN_EPS = 1e-5
+
+
+class Conv2d(nn.Conv2d):
+    """A convolution with optional weight normalisation, w = exp(log_gain) * v / ||v||.
+
+    Every convolution also keeps the left and right singular-vector estimates (``sr_u``, ``sr_v``) of its
+    weight matrix as buffers, for the spectral regulariser; they are saved and loaded with the weights.
+    """
+
+    def __init__(
+        self,
+        c_in: int,
+        c_out: int,
+        kernel_size: int,
+        stride: int = 1,
+        padding: int = 0,
+        groups: int = 1,
+        bias: bool = True,
+        weight_norm: bool = True,
+    ) -> None:
+        super().__init__(c_in, c_out, kernel_size, stride, padding, groups=groups, bias=bias)
+        if weight_norm:
+            norm = self.weight.detach().flatten(1).norm(dim=1)
+            self.log_gain = nn.Parameter(torch.log(norm + 1e-2))
+        else:
+            self.register_parameter("log_gain", None)
+        rows, cols = self.weight.shape[0], self.weight[0].numel()
+        self.register_buffer("sr_u", F.normalize(torch.randn(rows), dim=0, eps=1e-3))
+        self.register_buffer("sr_v", F.normalize(torch.randn(cols), dim=0, eps=1e-3))
+
+    def effective_weight(self) -> Tensor:
+        """The weight actually used: the normalised one under weight normalisation."""
+        if self.log_gain is None:
+            return self.weight
+        norm = self.weight.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+        return torch.exp(self.log_gain).view(-1, 1, 1, 1) * self.weight / (norm + 1e-5)
+
+    def fold_weight_norm(self) -> None:
+        """Replace (v, log_gain) by the plain weight they define (for export and fast inference)."""
+        if self.log_gain is not None:
+            with torch.no_grad():
+                self.weight.copy_(self.effective_weight())
+            self.log_gain = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._conv_forward(x, self.effective_weight(), self.bias)
+
+
+def batch_norm(channels: int) -> nn.BatchNorm2d:
+    """BatchNorm with NVAE's momentum."""
+    return nn.BatchNorm2d(channels, eps=BN_EPS, momentum=BN_MOMENTUM)
+
+
+class SqueezeExcite(nn.Module):
+    """Channel gating from globally pooled features."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        hidden = max(channels // 16, 4)
+        self.fc1 = nn.Linear(channels, hidden)
+        self.fc2 = nn.Linear(hidden, channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate = torch.sigmoid(self.fc2(F.relu(self.fc1(x.mean(dim=(2, 3))))))
+        return x * gate[:, :, None, None]
+
+
+class BNSwishConv(nn.Sequential):
+    """BatchNorm, Swish, (nearest up-sampling,) 3x3 weight-normalised convolution."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+        layers: list[nn.Module] = [batch_norm(c_in), nn.SiLU()]
+        if stride == -1:
+            layers.append(nn.Upsample(scale_factor=2, mode="nearest"))
+        layers.append(Conv2d(c_in, c_out, 3, stride=max(stride, 1), padding=1))
+        super().__init__(*layers)
+
+
+class MBConv(nn.Sequential):
+    """MobileNet-v2 inverted residual: BN, 1x1 expand, BN-Swish, depthwise 5x5, BN-Swish, 1x1 project, BN."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int, expand: int) -> None:
+        hidden = c_in * expand
+        layers: list[nn.Module] = []
+        if stride == -1:
+            layers.append(nn.Upsample(scale_factor=2, mode="nearest"))
+        layers += [
+            batch_norm(c_in),
+            Conv2d(c_in, hidden, 1, bias=False, weight_norm=False),
+            batch_norm(hidden),
+            nn.SiLU(),
+            Conv2d(hidden, hidden, 5, padding=2, groups=hidden, bias=False, weight_norm=False),
+            batch_norm(hidden),
+            nn.SiLU(),
+            Conv2d(hidden, c_out, 1, bias=False, weight_norm=False),
+            batch_norm(c_out),
+        ]
+        super().__init__(*layers)
+
+
+class FactorizedReduce(nn.Module):
+    """Down-sampling skip path: Swish, then four strided 1x1 convolutions on shifted grids, concatenated."""
+
+    def __init__(self, c_in: int, c_out: int) -> None:
+        super().__init__()
+        quarter = c_out // 4
+        sizes = [quarter, quarter, quarter, c_out - 3 * quarter]
+        self.convs = nn.ModuleList(Conv2d(c_in, size, 1, stride=2) for size in sizes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.silu(x)
+        shifted = [x, x[:, :, 1:, 1:], x[:, :, :, 1:], x[:, :, 1:, :]]
+        return torch.cat([conv(part) for conv, part in zip(self.convs, shifted, strict=True)], dim=1)
+
+
+class UpsampleSkip(nn.Sequential):
+    """Up-sampling skip path: bilinear x2, then a 1x1 convolution that halves the channels."""
+
+    def __init__(self, c_in: int, c_out: int) -> None:
+        super().__init__(nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True), Conv2d(c_in, c_out, 1))
+
+
+class Cell(nn.Module):
+    """A residual cell: ``skip(x) + 0.1 * SE(ops(x))``.
+
+    ``kind`` is 'residual' (encoder: two BN-Swish-Conv) or 'mbconv6' / 'mbconv3' (decoder / post-processing);
+    ``stride`` is 1 (same size), 2 (down-sample, channels doubled) or -1 (up-sample, channels halved).
+    """
+
+    def __init__(self, channels: int, kind: str, stride: int = 1, use_se: bool = True) -> None:
+        super().__init__()
+        c_out = {1: channels, 2: 2 * channels, -1: channels // 2}[stride]
+        if stride == 1:
+            self.skip: nn.Module = nn.Identity()
+        elif stride == 2:
+            self.skip = FactorizedReduce(channels, c_out)
+        else:
+            self.skip = UpsampleSkip(channels, c_out)
+        if kind == "residual":
+            self.ops: nn.Module = nn.Sequential(BNSwishConv(channels, c_out, stride), BNSwishConv(c_out, c_out, 1))
+        elif kind in ("mbconv6", "mbconv3"):
+            self.ops = MBConv(channels, c_out, stride, expand=int(kind[-1]))
+        else:
+            raise ValueError(f"unknown cell kind {kind!r}")
+        self.se = SqueezeExcite(c_out) if use_se else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.skip(x) + 0.1 * self.se(self.ops(x))
+
+
+def spectral_loss(convs: list[Conv2d], iterations: int, update: bool) -> Tensor:
+    """Sum of the largest singular values of the convolutions' weight matrices (the paper's L_SR).
+
+    Weights of the same shape are stacked so that each power iteration is one batched matmul.
+    With ``update`` the singular-vector buffers take ``iterations`` more power-iteration steps first.
+    """
+    by_shape: dict[tuple[int, ...], list[Conv2d]] = {}
+    for conv in convs:
+        by_shape.setdefault(tuple(conv.weight.shape), []).append(conv)
+    total = convs[0].weight.new_zeros(())
+    for group in by_shape.values():
+        w = torch.stack([conv.effective_weight().flatten(1) for conv in group])  # K, rows, cols
+        u = torch.stack([conv.sr_u for conv in group])
+        v = torch.stack([conv.sr_v for conv in group])
+        if update:
+            with torch.no_grad():
+                w_detached = w.detach().float()
+                for _ in range(iterations):
+                    v = F.normalize(torch.bmm(u.unsqueeze(1), w_detached).squeeze(1), dim=1, eps=1e-3)
+                    u = F.normalize(torch.bmm(w_detached, v.unsqueeze(2)).squeeze(2), dim=1, eps=1e-3)
+                for conv, u_k, v_k in zip(group, u, v, strict=True):
+                    conv.sr_u.copy_(u_k)
+                    conv.sr_v.copy_(v_k)
+        sigma = torch.bmm(u.unsqueeze(1), torch.bmm(w, v.unsqueeze(2)))
+        total = total + sigma.sum()
+    return total
+
+
+def batchnorm_loss(norms: list[nn.BatchNorm2d]) -> Tensor:
+    """Sum over BatchNorm layers of the largest |scale| (the paper's BN regulariser)."""
+    return torch.stack([bn.weight.abs().max() for bn in norms]).sum()

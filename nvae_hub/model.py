@@ -1,0 +1,395 @@
+"""NVAE: a bottom-up encoder and a top-down decoder sharing a hierarchy of latent groups.
+
+Reading guide. Groups are numbered in decoder order, g = 0 .. G-1, coarsest scale first. The decoder starts
+from a learned tensor ``h0``; at each group it computes the prior p(z_g | z_<g) from its state, takes a z
+(from the posterior, from the prior, or from the caller) and merges it into its state with a 1x1 conv.
+The encoder runs once, fine to coarse, and leaves one feature map per group; the posterior of group g is
+the residual Normal q = N(mu_p + dmu, sigma_p * dsigma), where (dmu, dsigma) come from that feature plus
+the decoder state. ``_top_down`` is the one loop that every public method drives.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import CHANNEL_MULT, NVAEConfig
+from .distributions import Bernoulli, DiscretizedLogisticMixture, Normal
+from .layers import Cell, Conv2d, batchnorm_loss, spectral_loss
+from .schedules import kl_balance, kl_balance_coefficients
+
+# choose_z(g, decoder_state, prior) -> (z, posterior or None)
+ChooseZ = Callable[[int, Tensor, Normal], tuple[Tensor, Normal | None]]
+
+
+@dataclass
+class Latents:
+    """One latent tensor per group (decoder order), each tagged with its scale (0 = coarsest)."""
+
+    z: list[Tensor]
+    scales: list[int]
+
+    def __len__(self) -> int:
+        return len(self.z)
+
+    def __getitem__(self, group: int) -> Tensor:
+        return self.z[group]
+
+    def with_scales_from(self, other: Latents, scales: Sequence[int]) -> Latents:
+        """These latents, with every group of the listed scales taken from ``other``."""
+        if other.scales != self.scales:
+            raise ValueError("the two Latents come from models with different hierarchies")
+        wanted = set(scales)
+        unknown = wanted - set(self.scales)
+        if unknown:
+            raise ValueError(f"unknown scale(s) {sorted(unknown)}; this model has scales 0..{max(self.scales)}")
+        z = [b if s in wanted else a for a, b, s in zip(self.z, other.z, self.scales, strict=True)]
+        return Latents(z, list(self.scales))
+
+
+@dataclass
+class LossOutput:
+    """The terms of the training objective. All per-image values are in nats."""
+
+    total: Tensor
+    """Scalar to backpropagate: mean(recon + weighted KL) + reg_weight * (spectral + bn)."""
+    recon: Tensor
+    """-log p(x|z), shape (N,)."""
+    kl: Tensor
+    """KL(q(z|x) || p(z)) summed over groups, shape (N,)."""
+    kl_per_group: Tensor
+    """KL of each group, shape (N, G)."""
+    spectral: Tensor
+    """Spectral regulariser (sum of the largest singular values), scalar; 0 if not computed."""
+    bn: Tensor
+    """BatchNorm regulariser (sum of max |scale|), scalar; 0 if not computed."""
+
+    @property
+    def elbo(self) -> Tensor:
+        """The evidence lower bound per image, shape (N,)."""
+        return -(self.recon + self.kl)
+
+
+class NVAE(nn.Module):
+    """The NVAE model. ``x`` is always a float tensor (N, C, H, W) with values in [0, 1]."""
+
+    def __init__(self, config: NVAEConfig) -> None:
+        super().__init__()
+        if not isinstance(config, NVAEConfig):
+            raise TypeError(f"NVAE expects an NVAEConfig, got {type(config).__name__}")
+        self.config = cfg = config
+        self.groups_per_scale: list[int] = cfg.groups_per_scale_list
+        self.num_scales: int = cfg.num_scales
+        self.scale_of_group: list[int] = [s for s, n in enumerate(self.groups_per_scale) for _ in range(n)]
+        num_groups = len(self.scale_of_group)
+        zc, se = cfg.latent_channels, cfg.use_se
+
+        # ---- encoder: stem, pre-processing, then the tower (finest scale first)
+        ch = cfg.num_channels
+        self.stem = Conv2d(cfg.channels, ch, 3, padding=1)
+        pre: list[nn.Module] = []
+        for _ in range(cfg.num_preprocess_blocks):
+            pre += [Cell(ch, "residual", use_se=se) for _ in range(cfg.num_preprocess_cells - 1)]
+            pre.append(Cell(ch, "residual", stride=2, use_se=se))
+            ch *= CHANNEL_MULT
+        self.preprocess = nn.Sequential(*pre)
+        self.enc_groups = nn.ModuleList()  # encoder order: finest scale first
+        self.enc_down = nn.ModuleList()
+        for s in reversed(range(self.num_scales)):
+            for _ in range(self.groups_per_scale[s]):
+                self.enc_groups.append(
+                    nn.Sequential(*[Cell(ch, "residual", use_se=se) for _ in range(cfg.cells_per_group_enc)])
+                )
+            if s > 0:
+                self.enc_down.append(Cell(ch, "residual", stride=2, use_se=se))
+                ch *= CHANNEL_MULT
+        top_channels = ch
+
+        # ---- decoder: learned input h0, then per group (coarsest first) cells, prior, combiner
+        side = cfg.padded_size // cfg.total_downsampling
+        self.h0 = nn.Parameter(torch.rand(top_channels, side, side))
+        self.enc0 = nn.Sequential(nn.ELU(), Conv2d(top_channels, top_channels, 1), nn.ELU())
+        self.dec_groups = nn.ModuleList()  # decoder order; group 0 has no cells
+        self.prior_heads = nn.ModuleList()  # for groups 1..G-1 (group 0's prior is N(0, 1))
+        self.posterior_heads = nn.ModuleList()
+        self.enc_combiners = nn.ModuleList()  # for groups 1..G-1: decoder state -> encoder channels
+        self.dec_combiners = nn.ModuleList()
+        self.dec_up = nn.ModuleList()
+        for g in range(num_groups):
+            n_cells = 0 if g == 0 else cfg.cells_per_group_dec
+            self.dec_groups.append(nn.Sequential(*[Cell(ch, "mbconv6", use_se=se) for _ in range(n_cells)]))
+            if g > 0:
+                self.prior_heads.append(nn.Sequential(nn.ELU(), Conv2d(ch, 2 * zc, 1)))
+                self.enc_combiners.append(Conv2d(ch, ch, 1))
+            self.posterior_heads.append(Conv2d(ch, 2 * zc, 3, padding=1))
+            self.dec_combiners.append(Conv2d(ch + zc, ch, 1))
+            is_last_of_scale = g + 1 < num_groups and self.scale_of_group[g + 1] != self.scale_of_group[g]
+            if is_last_of_scale:
+                self.dec_up.append(Cell(ch, "mbconv6", stride=-1, use_se=se))
+                ch //= CHANNEL_MULT
+
+        # ---- post-processing and the output head
+        post: list[nn.Module] = []
+        for _ in range(cfg.num_postprocess_blocks):
+            post.append(Cell(ch, "mbconv3", stride=-1, use_se=se))
+            ch //= CHANNEL_MULT
+            post += [Cell(ch, "mbconv3", use_se=se) for _ in range(cfg.num_postprocess_cells - 1)]
+        self.postprocess = nn.Sequential(*post)
+        self.head = nn.Sequential(nn.ELU(), Conv2d(ch, cfg.output_channels, 3, padding=1))
+
+        self.register_buffer("kl_alpha", kl_balance_coefficients(self.groups_per_scale), persistent=False)
+        # Number of spectral-regulariser updates so far: the first one runs 10x the power iterations.
+        self.register_buffer("sr_steps", torch.zeros((), dtype=torch.long))
+
+    # ================================================================== basic facts
+    @property
+    def num_groups(self) -> int:
+        """Total number of latent groups."""
+        return len(self.scale_of_group)
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the parameters."""
+        return self.h0.device
+
+    def latent_shapes(self) -> list[tuple[int, int, int]]:
+        """(C, H, W) of each group's latent, decoder order."""
+        return [self.config.latent_shape(s) for s in self.scale_of_group]
+
+    # ================================================================== the two passes
+    def _check_images(self, x: Tensor) -> None:
+        cfg = self.config
+        expected = (cfg.channels, cfg.image_size, cfg.image_size)
+        if not isinstance(x, Tensor):
+            raise TypeError(f"expected a torch.Tensor of images, got {type(x).__name__}")
+        if x.dim() != 4 or tuple(x.shape[1:]) != expected:
+            raise ValueError(f"expected images of shape (N, {', '.join(map(str, expected))}), got {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise ValueError(f"expected float images in [0, 1], got dtype {x.dtype}")
+        if x.shape[0] == 0:
+            raise ValueError("expected at least one image, got an empty batch")
+        lo, hi = torch.aminmax(x.detach())
+        if not (lo >= 0 and hi <= 1):
+            raise ValueError(f"expected pixel values in [0, 1], got values in [{lo.item():.3g}, {hi.item():.3g}]")
+
+    def _bottom_up(self, x: Tensor) -> list[Tensor]:
+        """Encoder features, one per group in decoder order (group g pairs with the feature that the
+        encoder has after its group G-1-g)."""
+        self._check_images(x)
+        p = self.config.padding
+        x = F.pad(x, (p, p, p, p)) if p else x
+        s = self.preprocess(self.stem(2 * x - 1))
+        features, down = [], iter(self.enc_down)
+        scales_enc_order = self.scale_of_group[::-1]
+        for k, cells in enumerate(self.enc_groups):
+            s = cells(s)
+            features.append(s)
+            if k + 1 < len(scales_enc_order) and scales_enc_order[k + 1] != scales_enc_order[k]:
+                s = next(down)(s)
+        return features[::-1]
+
+    def _posterior(self, g: int, feature: Tensor, s: Tensor, prior: Normal) -> Normal:
+        """The residual posterior of group g: N(mu_p + dmu, sigma_p * dsigma)."""
+        ftr = self.enc0(feature) if g == 0 else feature + self.enc_combiners[g - 1](s)
+        d_mu, d_log_sigma = self.posterior_heads[g](ftr).chunk(2, dim=1)
+        return prior.residual(d_mu, d_log_sigma)
+
+    def _top_down(self, n: int, choose_z: ChooseZ) -> Tensor:
+        """Run the decoder for a batch of ``n``; ``choose_z`` picks each group's z. Returns the output
+        distribution's parameters, cropped to the real image."""
+        s = self.h0.unsqueeze(0).expand(n, -1, -1, -1)
+        up = iter(self.dec_up)
+        for g in range(self.num_groups):
+            s = self.dec_groups[g](s)
+            if g == 0:  # a fixed standard Normal (raw parameters 0, as in the official code)
+                zeros = s.new_zeros((n, *self.latent_shapes()[0]), dtype=torch.float32)
+                prior = Normal(zeros, zeros)
+            else:
+                prior = Normal(*self.prior_heads[g - 1](s).chunk(2, dim=1))
+            z, _ = choose_z(g, s, prior)
+            s = self.dec_combiners[g](torch.cat([s, z.to(s.dtype)], dim=1))
+            if g + 1 < self.num_groups and self.scale_of_group[g + 1] != self.scale_of_group[g]:
+                s = next(up)(s)
+        params = self.head(self.postprocess(s))
+        p = self.config.padding
+        return params[:, :, p:-p, p:-p] if p else params
+
+    def likelihood(self, params: Tensor) -> Bernoulli | DiscretizedLogisticMixture:
+        """The output distribution p(x|z) for decoder parameters ``params``."""
+        cfg = self.config
+        if cfg.output == "bernoulli":
+            return Bernoulli(params)
+        return DiscretizedLogisticMixture(params, cfg.channels, cfg.num_mixtures, cfg.num_bits)
+
+    def _log_likelihood(self, params: Tensor, x: Tensor) -> Tensor:
+        """log p(x|z) per image, shape (N,)."""
+        return self.likelihood(params).log_prob(x).flatten(1).sum(dim=1)
+
+    def _posterior_pass(self, x: Tensor, use_mean: bool = False) -> tuple[Tensor, list[Tensor], list[Normal],
+                                                                          list[Normal]]:
+        """Encode ``x`` and decode its posterior samples (or means). Returns output parameters, the zs and
+        the posterior and prior of every group."""
+        features = self._bottom_up(x)
+        zs: list[Tensor] = []
+        posteriors: list[Normal] = []
+        priors: list[Normal] = []
+
+        def choose_z(g: int, s: Tensor, prior: Normal) -> tuple[Tensor, Normal]:
+            q = self._posterior(g, features[g], s, prior)
+            z = q.mu if use_mean else q.rsample()
+            zs.append(z)
+            posteriors.append(q)
+            priors.append(prior)
+            return z, q
+
+        params = self._top_down(x.shape[0], choose_z)
+        return params, zs, posteriors, priors
+
+    # ================================================================== training objective
+    def loss(self, x: Tensor, kl_weight: float = 1.0, reg_weight: float | None = None) -> LossOutput:
+        """The negative ELBO with KL warm-up/balancing, plus the regularisers, for a batch ``x``.
+
+        ``kl_weight`` is the KL warm-up coefficient (1 = the true ELBO); while it is below 1 and the config
+        asks for it, the KL is balanced across groups. ``reg_weight`` overrides ``config.reg_weight`` (the
+        trainer anneals it). The regularisers' power iteration advances only in training mode.
+        """
+        params, _, posteriors, priors = self._posterior_pass(x)
+        recon = -self._log_likelihood(params, x)
+        kl_per_group = torch.stack([q.kl(p).flatten(1).sum(dim=1) for q, p in zip(posteriors, priors, strict=True)],
+                                   dim=1)
+        kl = kl_per_group.sum(dim=1)
+        if self.config.kl_balance and kl_weight < 1.0:
+            weighted_kl = kl_balance(kl_per_group, kl_weight, self.kl_alpha)
+        else:
+            weighted_kl = kl_weight * kl
+        objective = (recon + weighted_kl).mean()
+
+        reg_weight = self.config.reg_weight if reg_weight is None else reg_weight
+        zero = objective.new_zeros(())
+        spectral, bn = zero, zero
+        if reg_weight > 0:
+            spectral, bn = self.regularizers()
+            objective = objective + reg_weight * (spectral + bn)
+        return LossOutput(objective, recon, kl, kl_per_group, spectral, bn)
+
+    def regularizers(self) -> tuple[Tensor, Tensor]:
+        """(spectral, batch-norm) regularisers. In training mode this advances the power iteration."""
+        convs = [m for m in self.modules() if isinstance(m, Conv2d)]
+        norms = [m for m in self.modules() if isinstance(m, nn.BatchNorm2d)]
+        update = self.training
+        iterations = self.config.power_iterations
+        if update:
+            if int(self.sr_steps) == 0:
+                iterations *= 10
+            self.sr_steps += 1
+        return spectral_loss(convs, iterations, update), batchnorm_loss(norms)
+
+    # ================================================================== sampling
+    def _temperatures(self, temperature: float | Sequence[float] | Tensor) -> list[float | Tensor]:
+        if isinstance(temperature, Tensor) and temperature.dim() == 0:
+            return [temperature] * self.num_groups
+        if isinstance(temperature, int | float):
+            if not math.isfinite(temperature) or temperature < 0:
+                raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
+            return [float(temperature)] * self.num_groups
+        temps = list(temperature)
+        if len(temps) != self.num_groups:
+            raise ValueError(f"expected one temperature or {self.num_groups} (one per group), got {len(temps)}")
+        return temps
+
+    def sample_noise(self, n: int, seed: int | None = None) -> list[Tensor]:
+        """Standard-normal noise for every group, shapes (n, C, H, W). Drawn on the CPU, so a seed gives the
+        same noise (and images) on every device."""
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f"the number of samples must be a positive integer, got {n!r}")
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        return [torch.randn((n, *shape), generator=generator).to(self.device) for shape in self.latent_shapes()]
+
+    def decode_noise(self, noise: Sequence[Tensor], temperature: float | Sequence[float] | Tensor = 1.0) -> Tensor:
+        """Images from given prior noise: group g's z = mu_p + temperature_g * sigma_p * noise_g."""
+        temps = self._temperatures(temperature)
+
+        def choose_z(g: int, s: Tensor, prior: Normal) -> tuple[Tensor, None]:
+            return prior.with_temperature(temps[g]).sample_from(noise[g]), None
+
+        return self.likelihood(self._top_down(noise[0].shape[0], choose_z)).mean()
+
+    @torch.no_grad()
+    def sample(self, n: int, temperature: float | Sequence[float] = 1.0, seed: int | None = None) -> Tensor:
+        """``n`` images (n, C, H, W) in [0, 1] from the prior, with sigma scaled by ``temperature`` (one value,
+        or one per group). The same seed gives the same images. The pixels are the output distribution's
+        mean (Bernoulli probabilities / logistic-mixture means)."""
+        return self.decode_noise(self.sample_noise(n, seed), temperature)
+
+    @torch.no_grad()
+    def readjust_bn(self, temperature: float = 1.0, num_batches: int = 20, batch_size: int = 64,
+                    seed: int | None = 0) -> None:
+        """Re-estimate BatchNorm statistics on samples at ``temperature`` (the paper's trick for sharper
+        low-temperature samples). Leaves the model in eval mode."""
+        norms = [m for m in self.modules() if isinstance(m, nn.BatchNorm2d)]
+        for bn in norms:
+            bn.reset_running_stats()
+            bn.momentum = None  # cumulative average over the batches below
+        self.train()
+        for i in range(num_batches):
+            self.decode_noise(self.sample_noise(batch_size, None if seed is None else seed + i), temperature)
+        for bn in norms:
+            bn.momentum = 0.05
+        self.eval()
+
+    # ================================================================== encode / decode
+    def encode(self, x: Tensor, sample: bool = False) -> Latents:
+        """The latents of ``x``: posterior means (or samples), one tensor per group, coarsest scale first."""
+        _, zs, _, _ = self._posterior_pass(x, use_mean=not sample)
+        return Latents(zs, list(self.scale_of_group))
+
+    def decode(self, latents: Latents | Sequence[Tensor]) -> Tensor:
+        """Images in [0, 1] decoded from one latent tensor per group."""
+        zs = latents.z if isinstance(latents, Latents) else list(latents)
+        shapes = self.latent_shapes()
+        if len(zs) != len(shapes):
+            raise ValueError(f"expected {len(shapes)} latent groups, got {len(zs)}")
+        for g, (z, shape) in enumerate(zip(zs, shapes, strict=True)):
+            if z.dim() != 4 or tuple(z.shape[1:]) != shape or z.shape[0] != zs[0].shape[0]:
+                raise ValueError(f"latent group {g} has shape {tuple(z.shape)}, expected (N, {shape})")
+        return self.likelihood(self._top_down(zs[0].shape[0], lambda g, s, prior: (zs[g], None))).mean()
+
+    def reconstruct(self, x: Tensor) -> Tensor:
+        """``decode(encode(x))``."""
+        return self.decode(self.encode(x))
+
+    def swap(self, x_a: Tensor, x_b: Tensor, scales: Sequence[int]) -> Tensor:
+        """Decode x_a's latents with every group of the listed scales taken from x_b's latents."""
+        if x_a.shape != x_b.shape:
+            raise ValueError(f"x_a and x_b must have the same shape, got {tuple(x_a.shape)} and {tuple(x_b.shape)}")
+        return self.decode(self.encode(x_a).with_scales_from(self.encode(x_b), scales))
+
+    # ================================================================== evaluation
+    @torch.no_grad()
+    def nll(self, x: Tensor, num_samples: int = 100, chunk_size: int = 256) -> Tensor:
+        """Importance-weighted estimate of -log p(x) in nats, shape (N,), with ``num_samples`` posterior samples
+        (K=1 gives the negative ELBO estimate). Work is done ``chunk_size`` images at a time."""
+        if not isinstance(num_samples, int) or num_samples < 1:
+            raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
+        self._check_images(x)
+        per_chunk = max(1, chunk_size // num_samples)
+        out = []
+        for xb in x.split(per_chunk):
+            xk = xb.repeat_interleave(num_samples, dim=0)
+            params, zs, posteriors, priors = self._posterior_pass(xk)
+            log_w = self._log_likelihood(params, xk)
+            for z, q, p in zip(zs, posteriors, priors, strict=True):
+                log_w = log_w + (p.log_prob(z) - q.log_prob(z)).flatten(1).sum(dim=1)
+            log_w = log_w.view(xb.shape[0], num_samples)
+            out.append(math.log(num_samples) - torch.logsumexp(log_w, dim=1))
+        return torch.cat(out)
+
+    def bits_per_dim(self, x: Tensor, num_samples: int = 100) -> Tensor:
+        """``nll`` in bits per dimension (real pixels x channels only), shape (N,)."""
+        dims = self.config.channels * self.config.image_size**2
+        return self.nll(x, num_samples) / (dims * math.log(2))

@@ -1,0 +1,373 @@
+"""The NVAE core: shapes, losses, distributions, sampling, encode/decode/swap, NLL, state dicts."""
+
+from __future__ import annotations
+
+import io
+import itertools
+import math
+
+import pytest
+import torch
+from safetensors.torch import load, save
+
+from nvae_hub import NVAE, NVAEConfig
+from nvae_hub.distributions import DiscretizedLogisticMixture, Normal
+from nvae_hub.schedules import kl_balance, kl_balance_coefficients, kl_warmup, reg_weight
+
+
+def make(preset: str = "tiny", seed: int = 0, **changes) -> NVAE:
+    torch.manual_seed(seed)
+    return NVAE(NVAEConfig.preset(preset).replace(**changes))
+
+
+def images(config: NVAEConfig, n: int = 4, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand((n, config.channels, config.image_size, config.image_size), generator=g)
+    return x.bernoulli(generator=g) if config.output == "bernoulli" else x
+
+
+def tiny_rgb(**changes) -> NVAE:
+    return make("tiny", channels=3, output="logistic_mixture", num_mixtures=3, **changes)
+
+
+# ---------------------------------------------------------------- presets and shapes
+@pytest.mark.parametrize("preset", ["tiny", "mnist-small", "mnist"])
+def test_small_presets_give_finite_losses_of_the_right_shapes(preset):
+    model = make(preset)
+    x = images(model.config, n=2)
+    out = model.loss(x, kl_weight=0.3)
+    g = model.num_groups
+    assert out.recon.shape == (2,) and out.kl.shape == (2,) and out.kl_per_group.shape == (2, g)
+    assert out.total.dim() == 0
+    for value in (out.total, out.recon, out.kl, out.kl_per_group, out.spectral, out.bn):
+        assert torch.isfinite(value).all()
+    assert (out.kl_per_group >= 0).all()
+    torch.testing.assert_close(out.kl, out.kl_per_group.sum(1))
+    assert out.spectral > 0 and out.bn > 0
+
+
+@pytest.mark.parametrize(
+    ("preset", "low", "high"),
+    [("cifar10", 100e6, 160e6), ("celeba64", 100e6, 200e6), ("celeba256", 200e6, 400e6)],
+)
+def test_large_presets_build(preset, low, high):
+    model = make(preset)
+    count = sum(p.numel() for p in model.parameters())
+    assert low < count < high
+    assert model.num_groups == sum(model.groups_per_scale)
+
+
+def test_mnist_preset_matches_the_paper_architecture():
+    model = make("mnist")
+    # The reference implementation counts 33.4M parameters for this configuration.
+    assert abs(sum(p.numel() for p in model.parameters()) / 1e6 - 33.4) < 0.1
+    assert model.num_scales == 2 and model.groups_per_scale == [5, 10]
+    assert model.latent_shapes()[0] == (20, 4, 4) and model.latent_shapes()[-1] == (20, 8, 8)
+
+
+def test_rgb_logistic_mixture_model_runs():
+    model = tiny_rgb()
+    out = model.loss(images(model.config))
+    assert torch.isfinite(out.total)
+    model.eval()
+    sample = model.sample(2, seed=0)
+    assert sample.shape == (2, 3, 16, 16) and sample.min() >= 0 and sample.max() <= 1
+
+
+def test_padding_keeps_outputs_at_the_real_size_and_counts_real_pixels_only():
+    model = make("tiny", image_size=12, padding=2).eval()
+    x = images(model.config)
+    assert model.reconstruct(x).shape == x.shape
+    params = model._top_down(4, lambda g, s, prior: (prior.mu, None))
+    assert params.shape[-2:] == (12, 12)
+    bpd = model.bits_per_dim(x, num_samples=2)
+    nats = model.nll(x, num_samples=2)
+    torch.testing.assert_close(bpd, nats / (12 * 12 * math.log(2)), rtol=0.2, atol=0)
+
+
+# ---------------------------------------------------------------- distributions
+def test_analytic_kl_matches_monte_carlo():
+    torch.manual_seed(0)
+    q = Normal(torch.randn(5), torch.randn(5) * 0.5)
+    p = Normal(torch.randn(5), torch.randn(5) * 0.5)
+    z = q.mu + q.sigma * torch.randn(200_000, 5)
+    monte_carlo = (q.log_prob(z) - p.log_prob(z)).mean(0)
+    torch.testing.assert_close(monte_carlo, q.kl(p), atol=0.03, rtol=0.03)
+
+
+def test_residual_normal_adds_means_and_multiplies_sigmas():
+    prior = Normal(torch.tensor([0.5]), torch.tensor([-1.0]))
+    q = prior.residual(torch.tensor([0.25]), torch.tensor([0.5]))
+    torch.testing.assert_close(q.raw_mu, torch.tensor([0.75]))
+    torch.testing.assert_close(q.raw_log_sigma, torch.tensor([-0.5]))
+    big = Normal(torch.tensor([100.0]), torch.tensor([100.0]))
+    assert big.mu.item() <= 5 and big.sigma.item() <= math.exp(5) + 0.02  # soft-clamped
+
+
+@pytest.mark.parametrize("num_bits", [8, 5])
+def test_logistic_mixture_probabilities_of_one_grayscale_pixel_sum_to_one(num_bits):
+    torch.manual_seed(0)
+    levels = 2**num_bits
+    params = torch.randn(1, 3 * 4, 1, 1).repeat(levels, 1, 1, 1)
+    dist = DiscretizedLogisticMixture(params, channels=1, num_mixtures=4, num_bits=num_bits)
+    x = (torch.arange(levels) / (levels - 1)).view(levels, 1, 1, 1)
+    total = dist.log_prob(x).exp().sum()
+    torch.testing.assert_close(total, torch.tensor(1.0), atol=1e-4, rtol=0)
+
+
+def test_logistic_mixture_probabilities_of_one_rgb_pixel_sum_to_one():
+    torch.manual_seed(0)
+    num_bits, m = 3, 2
+    values = torch.arange(8) / 7
+    x = torch.cartesian_prod(values, values, values).view(-1, 3, 1, 1)  # all 512 colours
+    params = (torch.randn(1, 10 * m, 1, 1) * 0.5).repeat(x.shape[0], 1, 1, 1)
+    dist = DiscretizedLogisticMixture(params, channels=3, num_mixtures=m, num_bits=num_bits)
+    torch.testing.assert_close(dist.log_prob(x).exp().sum(), torch.tensor(1.0), atol=1e-4, rtol=0)
+    mean = dist.mean()
+    assert mean.shape == (512, 3, 1, 1) and mean.min() >= 0 and mean.max() <= 1
+
+
+def test_bernoulli_likelihood_matches_the_formula():
+    model = make("tiny")
+    logits = torch.randn(2, 1, 16, 16)
+    x = torch.rand(2, 1, 16, 16).bernoulli()
+    p = torch.sigmoid(logits)
+    expected = (x * p.log() + (1 - x) * (1 - p).log()).flatten(1).sum(1)
+    torch.testing.assert_close(model._log_likelihood(logits, x), expected, atol=1e-4, rtol=1e-5)
+
+
+# ---------------------------------------------------------------- schedules
+def test_schedules():
+    assert kl_warmup(0, 100, min_weight=1e-4) == 1e-4
+    assert kl_warmup(50, 100) == 0.5 and kl_warmup(500, 100) == 1.0
+    alpha = kl_balance_coefficients([1, 2])
+    torch.testing.assert_close(alpha, torch.tensor([1.0, 2.0, 2.0]))  # 4**s / n, min-normalised
+    kl = torch.tensor([[1.0, 10.0, 0.0], [3.0, 10.0, 0.0]])
+    balanced = kl_balance(kl, 0.5, alpha)
+    assert balanced.shape == (2,)
+    assert reg_weight(0.0, 1e-2, 1.0) == pytest.approx(1.0) and reg_weight(1.0, 1e-2, 1.0) == pytest.approx(1e-2)
+    assert reg_weight(0.3, 1e-2) == 1e-2
+
+
+def test_kl_balancing_is_used_only_during_warmup():
+    model = make("tiny")
+    x = images(model.config)
+    torch.manual_seed(1)
+    warm = model.loss(x, kl_weight=0.5, reg_weight=0.0)
+    torch.manual_seed(1)
+    full = model.loss(x, kl_weight=1.0, reg_weight=0.0)
+    torch.testing.assert_close(full.total, (full.recon + full.kl).mean())
+    expected = (warm.recon + kl_balance(warm.kl_per_group, 0.5, model.kl_alpha)).mean()
+    torch.testing.assert_close(warm.total, expected)
+
+
+# ---------------------------------------------------------------- NLL
+def test_importance_weighted_nll_is_not_above_the_negative_elbo():
+    model = make("tiny").eval()
+    x = images(model.config, n=8)
+    torch.manual_seed(0)
+    neg_elbo = torch.stack([(lambda o: o.recon + o.kl)(model.loss(x)) for _ in range(8)]).mean()
+    torch.manual_seed(0)
+    iw = model.nll(x, num_samples=64).mean()
+    assert iw <= neg_elbo
+    torch.testing.assert_close(model.bits_per_dim(x, 4).shape, torch.Size([8]))
+
+
+# ---------------------------------------------------------------- sampling
+def test_seeded_sampling_is_repeatable_and_temperature_matters():
+    model = make("tiny").eval()
+    a = model.sample(3, temperature=0.7, seed=123)
+    b = model.sample(3, temperature=0.7, seed=123)
+    c = model.sample(3, temperature=0.7, seed=124)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert not torch.equal(a, c)
+    assert a.shape == (3, 1, 16, 16) and a.min() >= 0 and a.max() <= 1
+    per_group = model.sample(3, temperature=[0.7] * model.num_groups, seed=123)
+    torch.testing.assert_close(a, per_group)
+    assert not torch.equal(model.sample(3, temperature=0.0, seed=123), a)
+
+
+def test_bad_sampling_arguments_are_rejected():
+    model = make("tiny").eval()
+    with pytest.raises(ValueError, match="one per group"):
+        model.sample(2, temperature=[1.0, 1.0])
+    with pytest.raises(ValueError, match="temperature"):
+        model.sample(2, temperature=-1.0)
+    with pytest.raises(ValueError, match="positive integer"):
+        model.sample(0)
+
+
+def test_readjust_bn_changes_statistics_and_returns_to_eval():
+    model = make("tiny").eval()
+    before = [m.running_mean.clone() for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    model.readjust_bn(temperature=0.6, num_batches=2, batch_size=8)
+    after = [m.running_mean for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert not model.training
+    assert any(not torch.equal(a, b) for a, b in zip(before, after, strict=True))
+
+
+# ---------------------------------------------------------------- encode / decode / swap
+def test_encode_gives_one_latent_per_group_with_its_scale():
+    model = make("tiny").eval()
+    latents = model.encode(images(model.config))
+    assert len(latents) == model.num_groups
+    assert latents.scales == [0, 1, 1]
+    assert [tuple(z.shape[1:]) for z in latents.z] == model.latent_shapes()
+    torch.testing.assert_close(model.decode(latents), model.reconstruct(images(model.config)))
+
+
+def test_swap_identities():
+    model = make("tiny").eval()
+    a, b = images(model.config, seed=1), images(model.config, seed=2)
+    torch.testing.assert_close(model.swap(a, b, []), model.reconstruct(a))
+    torch.testing.assert_close(model.swap(a, b, list(range(model.num_scales))), model.reconstruct(b))
+    partial = model.swap(a, b, [0])
+    assert not torch.allclose(partial, model.reconstruct(a)) and not torch.allclose(partial, model.reconstruct(b))
+    with pytest.raises(ValueError, match="unknown scale"):
+        model.swap(a, b, [5])
+
+
+def test_decode_rejects_wrong_latents():
+    model = make("tiny").eval()
+    latents = model.encode(images(model.config))
+    with pytest.raises(ValueError, match="latent groups"):
+        model.decode(latents.z[:-1])
+    with pytest.raises(ValueError, match="latent group 0"):
+        model.decode([torch.zeros(4, 3, 4, 4), *latents.z[1:]])
+
+
+def test_bad_images_are_rejected_with_clear_messages():
+    model = make("tiny")
+    with pytest.raises(ValueError, match=r"shape \(N, 1, 16, 16\)"):
+        model.loss(torch.rand(2, 3, 16, 16))
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        model.loss(torch.rand(2, 1, 16, 16) * 255)
+    with pytest.raises(ValueError, match="float"):
+        model.loss(torch.zeros(2, 1, 16, 16, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="empty"):
+        model.loss(torch.zeros(0, 1, 16, 16))
+
+
+# ---------------------------------------------------------------- training mechanics
+def test_gradients_reach_every_trainable_parameter():
+    model = make("tiny").train()
+    out = model.loss(images(model.config), kl_weight=0.5)
+    out.total.backward()
+    params = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    assert [name for name, p in params if p.grad is None or not torch.isfinite(p.grad).all()] == []
+    # A squeeze-excitation gate can be legitimately dead at init (all of its ReLUs off); nothing else may be.
+    zero = [name for name, p in params if p.grad.abs().sum() == 0 and ".se." not in name]
+    assert zero == []
+
+
+def test_spectral_regulariser_estimates_the_largest_singular_value():
+    model = make("tiny").train()
+    for _ in range(30):
+        model.regularizers()
+    conv = model.stem
+    expected = torch.linalg.matrix_norm(conv.effective_weight().flatten(1).detach(), ord=2)
+    estimate = conv.sr_u @ conv.effective_weight().flatten(1).detach() @ conv.sr_v
+    torch.testing.assert_close(estimate, expected, rtol=1e-3, atol=1e-4)
+
+
+def test_power_iteration_advances_only_in_training_mode():
+    model = make("tiny").eval()
+    u = model.stem.sr_u.clone()
+    model.loss(images(model.config))
+    assert torch.equal(u, model.stem.sr_u)
+    model.train().loss(images(model.config))
+    assert not torch.equal(u, model.stem.sr_u)
+
+
+def test_a_few_steps_of_training_lower_the_loss():
+    model = make("tiny").train()
+    x = torch.zeros(16, 1, 16, 16)  # three patterns: black, white, half white
+    x[::2] = 1
+    x[1::4, :, :8] = 1
+    optimizer = torch.optim.Adamax(model.parameters(), lr=1e-2)
+    torch.manual_seed(0)
+    losses = []
+    for _ in range(30):
+        loss = model.loss(x, kl_weight=1.0, reg_weight=0.0)
+        optimizer.zero_grad()
+        loss.total.backward()
+        optimizer.step()
+        losses.append(loss.total.item())
+    assert sum(losses[-5:]) < 0.3 * sum(losses[:5])
+
+
+def test_bf16_autocast_runs_and_keeps_losses_in_float32():
+    model = make("tiny")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model.loss(images(model.config))
+    assert out.total.dtype == torch.float32 and torch.isfinite(out.total)
+
+
+def test_state_dict_round_trip_gives_identical_outputs():
+    model = make("tiny").train()
+    model.loss(images(model.config))  # move BN statistics and the spectral vectors away from their init
+    model.eval()
+    blob = save(model.state_dict())
+    clone = make("tiny", seed=99)
+    clone.load_state_dict(load(blob), strict=True)
+    clone.eval()
+    torch.testing.assert_close(clone.stem.sr_u, model.stem.sr_u)
+    torch.testing.assert_close(clone.sample(2, seed=5), model.sample(2, seed=5), rtol=0, atol=0)
+    x = images(model.config)
+    torch.testing.assert_close(clone.reconstruct(x), model.reconstruct(x), rtol=0, atol=0)
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)  # sanity: the state dict holds only tensors
+    assert all(isinstance(v, torch.Tensor) for v in model.state_dict().values())
+
+
+def test_fold_weight_norm_keeps_outputs():
+    model = make("tiny").eval()
+    x = images(model.config)
+    before = model.reconstruct(x)
+    for module in model.modules():
+        if hasattr(module, "fold_weight_norm"):
+            module.fold_weight_norm()
+    torch.testing.assert_close(model.reconstruct(x), before, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------- config
+def test_config_json_round_trip(tmp_path):
+    for name in NVAEConfig.presets():
+        config = NVAEConfig.preset(name)
+        config.save(tmp_path / "config.json")
+        assert NVAEConfig.load(tmp_path / "config.json") == config
+
+
+@pytest.mark.parametrize(
+    ("changes", "field", "rule"),
+    [
+        ({"image_size": 30}, "image_size", "divisible"),
+        ({"output": "gaussian"}, "output", "one of"),
+        ({"channels": 2}, "channels", "1 .grayscale. or 3"),
+        ({"latent_channels": 0}, "latent_channels", ">= 1"),
+        ({"groups_per_scale": 2.5}, "groups_per_scale", "integer"),
+        ({"reg_weight": -1.0}, "reg_weight", ">= 0"),
+        ({"num_postprocess_blocks": 3}, "num_postprocess_blocks", "num_preprocess_blocks"),
+        ({"padding": -1}, "padding", ">= 0"),
+    ],
+)
+def test_bad_configs_raise_clear_errors(changes, field, rule):
+    with pytest.raises(ValueError, match=rf"NVAEConfig\.{field}=.*{rule}"):
+        NVAEConfig.preset("tiny").replace(**changes)
+
+
+def test_unknown_presets_and_fields_are_rejected():
+    with pytest.raises(ValueError, match="unknown preset 'big'; choose one of tiny"):
+        NVAEConfig.preset("big")
+    with pytest.raises(ValueError, match=r"unknown NVAEConfig field.*colour"):
+        NVAEConfig.from_dict({"colour": 1})
+    with pytest.raises(ValueError, match="not valid JSON"):
+        NVAEConfig.from_json("{")
+
+
+def test_every_scale_combination_is_a_valid_swap():
+    model = make("tiny").eval()
+    a, b = images(model.config, seed=1), images(model.config, seed=2)
+    for k in range(model.num_scales + 1):
+        for scales in itertools.combinations(range(model.num_scales), k):
+            assert model.swap(a, b, scales).shape == a.shape
