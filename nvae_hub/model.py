@@ -179,8 +179,7 @@ class NVAE(nn.Module):
 
     def _bottom_up(self, x: Tensor) -> list[Tensor]:
         """Encoder features, one per group in decoder order (group g pairs with the feature that the
-        encoder has after its group G-1-g)."""
-        self._check_images(x)
+        encoder has after its group G-1-g). ``x`` is not validated here; the public methods do that."""
         p = self.config.padding
         x = F.pad(x, (p, p, p, p)) if p else x
         s = self.preprocess(self.stem(2 * x - 1))
@@ -258,6 +257,7 @@ class NVAE(nn.Module):
         asks for it, the KL is balanced across groups. ``reg_weight`` overrides ``config.reg_weight`` (the
         trainer anneals it). The regularisers' power iteration advances only in training mode.
         """
+        self._check_images(x)
         params, _, posteriors, priors = self._posterior_pass(x)
         recon = -self._log_likelihood(params, x)
         kl_per_group = torch.stack([q.kl(p).flatten(1).sum(dim=1) for q, p in zip(posteriors, priors, strict=True)],
@@ -345,6 +345,7 @@ class NVAE(nn.Module):
     # ================================================================== encode / decode
     def encode(self, x: Tensor, sample: bool = False) -> Latents:
         """The latents of ``x``: posterior means (or samples), one tensor per group, coarsest scale first."""
+        self._check_images(x)
         _, zs, _, _ = self._posterior_pass(x, use_mean=not sample)
         return Latents(zs, list(self.scale_of_group))
 
