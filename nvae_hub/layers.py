@@ -42,6 +42,7 @@ class Conv2d(nn.Conv2d):
         rows, cols = self.weight.shape[0], self.weight[0].numel()
         self.register_buffer("sr_u", F.normalize(torch.randn(rows), dim=0, eps=1e-3))
         self.register_buffer("sr_v", F.normalize(torch.randn(cols), dim=0, eps=1e-3))
+        self.forward_weight: Tensor | None = None
 
     def effective_weight(self) -> Tensor:
         """The weight actually used: the normalised one under weight normalisation."""
@@ -58,7 +59,15 @@ class Conv2d(nn.Conv2d):
             self.log_gain = None
 
     def forward(self, x: Tensor) -> Tensor:
-        return self._conv_forward(x, self.effective_weight(), self.bias)
+        weight = self.effective_weight()
+        if self.training and torch.is_grad_enabled():
+            self.forward_weight = weight  # reused by the spectral regulariser of this training step
+        return self._conv_forward(x, weight, self.bias)
+
+    def take_forward_weight(self) -> Tensor:
+        """The weight of the last training forward pass (then forgotten), or a freshly computed one."""
+        weight, self.forward_weight = self.forward_weight, None
+        return self.effective_weight() if weight is None else weight
 
 
 def batch_norm(channels: int) -> nn.BatchNorm2d:
@@ -166,7 +175,8 @@ class Cell(nn.Module):
 def spectral_loss(convs: list[Conv2d], iterations: int, update: bool) -> Tensor:
     """Sum of the largest singular values of the convolutions' weight matrices (the paper's L_SR).
 
-    Weights of the same shape are stacked so that each power iteration is one batched matmul.
+    Weights of the same shape are stacked so that each power iteration is one batched matmul. Each
+    convolution contributes the weight of its last training forward pass when there is one (no recomputation).
     With ``update`` the singular-vector buffers take ``iterations`` more power-iteration steps first.
     """
     by_shape: dict[tuple[int, ...], list[Conv2d]] = {}
@@ -174,7 +184,7 @@ def spectral_loss(convs: list[Conv2d], iterations: int, update: bool) -> Tensor:
         by_shape.setdefault(tuple(conv.weight.shape), []).append(conv)
     total = convs[0].weight.new_zeros(())
     for group in by_shape.values():
-        w = torch.stack([conv.effective_weight().flatten(1) for conv in group])  # K, rows, cols
+        w = torch.stack([conv.take_forward_weight().flatten(1) for conv in group])  # K, rows, cols
         u = torch.stack([conv.sr_u for conv in group])
         v = torch.stack([conv.sr_v for conv in group])
         if update:

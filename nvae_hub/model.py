@@ -13,15 +13,20 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from huggingface_hub import PyTorchModelHubMixin, hf_hub_download
 from torch import Tensor, nn
 
+from .card import CARD_NAME, LIBRARY_NAME, LICENSE, PAPER_URL, PIPELINE_TAG, TAGS, TrainingInfo, model_card
 from .config import CHANNEL_MULT, NVAEConfig
 from .distributions import Bernoulli, DiscretizedLogisticMixture, Normal
 from .layers import Cell, Conv2d, batchnorm_loss, spectral_loss
 from .schedules import kl_balance, kl_balance_coefficients
+from .weights import CONFIG_NAME, WEIGHTS_NAME, PretrainedLoadError, load_weights, parse_config, save_weights
 
 # choose_z(g, decoder_state, prior) -> (z, posterior or None)
 ChooseZ = Callable[[int, Tensor, Normal], tuple[Tensor, Normal | None]]
@@ -75,8 +80,20 @@ class LossOutput:
         return -(self.recon + self.kl)
 
 
-class NVAE(nn.Module):
-    """The NVAE model. ``x`` is always a float tensor (N, C, H, W) with values in [0, 1]."""
+class NVAE(
+    nn.Module,
+    PyTorchModelHubMixin,
+    library_name=LIBRARY_NAME,
+    license=LICENSE,
+    pipeline_tag=PIPELINE_TAG,
+    tags=list(TAGS),
+    paper_url=PAPER_URL,
+):
+    """The NVAE model. ``x`` is always a float tensor (N, C, H, W) with values in [0, 1].
+
+    ``save_pretrained``, ``push_to_hub`` and ``from_pretrained`` come from ``huggingface_hub``'s mixin and write
+    and read the same files as ``nvae_hub.hub`` (config.json, model.safetensors, README.md), loading strictly.
+    """
 
     def __init__(self, config: NVAEConfig) -> None:
         super().__init__()
@@ -278,7 +295,9 @@ class NVAE(nn.Module):
         return LossOutput(objective, recon, kl, kl_per_group, spectral, bn)
 
     def regularizers(self) -> tuple[Tensor, Tensor]:
-        """(spectral, batch-norm) regularisers. In training mode this advances the power iteration."""
+        """(spectral, batch-norm) regularisers. In training mode this advances the power iteration.
+
+        Call it right after a forward pass (``loss`` does): the spectral term reuses that pass's weights."""
         convs = [m for m in self.modules() if isinstance(m, Conv2d)]
         norms = [m for m in self.modules() if isinstance(m, nn.BatchNorm2d)]
         update = self.training
@@ -394,3 +413,41 @@ class NVAE(nn.Module):
         """``nll`` in bits per dimension (real pixels x channels only), shape (N,)."""
         dims = self.config.channels * self.config.image_size**2
         return self.nll(x, num_samples) / (dims * math.log(2))
+
+    # ================================================================== Hub mixin hooks
+    def _save_pretrained(self, save_directory: Path, training: TrainingInfo | None = None) -> None:
+        """Write config.json, model.safetensors and the model card README.md into ``save_directory`` (behind
+        ``save_pretrained``/``push_to_hub``, the mixin's and ``nvae_hub.hub``'s)."""
+        self.config.save(save_directory / CONFIG_NAME)
+        save_weights(self, save_directory / WEIGHTS_NAME)
+        num_parameters = sum(p.numel() for p in self.parameters())
+        card = model_card(self.config, training, num_parameters)
+        (save_directory / CARD_NAME).write_text(card, encoding="utf-8")
+
+    @classmethod
+    def _from_pretrained(
+        cls,
+        *,
+        model_id: str,
+        revision: str | None,
+        cache_dir: str | Path | None,
+        force_download: bool,
+        local_files_only: bool,
+        token: str | bool | None,
+        config: dict[str, Any] | None = None,
+        map_location: str | torch.device = "cpu",
+    ) -> NVAE:
+        """Behind ``NVAE.from_pretrained``: build the model from ``config`` (config.json, already read by the
+        mixin) and load model.safetensors strictly. Returns the model in eval mode on ``map_location``."""
+        if config is None:
+            raise PretrainedLoadError(f"no {CONFIG_NAME} found for {model_id!r}")
+        model = cls(parse_config(config, f"{CONFIG_NAME} of {model_id!r}"))
+        if Path(model_id).is_dir():
+            weights_file = Path(model_id) / WEIGHTS_NAME
+        else:
+            weights_file = hf_hub_download(
+                model_id, WEIGHTS_NAME, revision=revision, cache_dir=cache_dir, force_download=force_download,
+                token=token, local_files_only=local_files_only,
+            )
+        load_weights(model, weights_file)
+        return model.to(map_location).eval()
