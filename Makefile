@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint bench
+.PHONY: install browser demo test lint bench
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,13 +17,19 @@ $(STAMP): requirements.txt pyproject.toml
 
 install: $(STAMP)
 
+# The browser test drives Debian's Chromium through Playwright (never `playwright install`: it downloads).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+		echo "installing Debian's chromium for the browser test"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+
 demo: install
 	$(PY) app.py
 
 lint: install
 	$(PY) -m ruff check .
 
-test: install lint
+test: install browser lint
 	$(PY) -m pytest -q
 
 bench: install

@@ -28,6 +28,9 @@ from .layers import Cell, Conv2d, batchnorm_loss, spectral_loss
 from .schedules import kl_balance, kl_balance_coefficients
 from .weights import CONFIG_NAME, WEIGHTS_NAME, PretrainedLoadError, load_weights, parse_config, save_weights
 
+# Activations are kept channels-last (CHANNELS_LAST): convolutions are faster that way on CPUs (oneDNN) and GPUs.
+CHANNELS_LAST = torch.channels_last
+
 # choose_z(g, decoder_state, prior) -> (z, posterior or None)
 ChooseZ = Callable[[int, Tensor, Normal], tuple[Tensor, Normal | None]]
 
@@ -199,7 +202,7 @@ class NVAE(
         encoder has after its group G-1-g). ``x`` is not validated here; the public methods do that."""
         p = self.config.padding
         x = F.pad(x, (p, p, p, p)) if p else x
-        s = self.preprocess(self.stem(2 * x - 1))
+        s = self.preprocess(self.stem((2 * x - 1).contiguous(memory_format=CHANNELS_LAST)))
         features, down = [], iter(self.enc_down)
         scales_enc_order = self.scale_of_group[::-1]
         for k, cells in enumerate(self.enc_groups):
@@ -218,7 +221,7 @@ class NVAE(
     def _top_down(self, n: int, choose_z: ChooseZ) -> Tensor:
         """Run the decoder for a batch of ``n``; ``choose_z`` picks each group's z. Returns the output
         distribution's parameters, cropped to the real image."""
-        s = self.h0.unsqueeze(0).expand(n, -1, -1, -1)
+        s = self.h0.unsqueeze(0).expand(n, -1, -1, -1).contiguous(memory_format=CHANNELS_LAST)
         up = iter(self.dec_up)
         for g in range(self.num_groups):
             s = self.dec_groups[g](s)
@@ -246,11 +249,15 @@ class NVAE(
         """log p(x|z) per image, shape (N,)."""
         return self.likelihood(params).log_prob(x).flatten(1).sum(dim=1)
 
-    def _posterior_pass(self, x: Tensor, use_mean: bool = False) -> tuple[Tensor, list[Tensor], list[Normal],
-                                                                          list[Normal]]:
-        """Encode ``x`` and decode its posterior samples (or means). Returns output parameters, the zs and
-        the posterior and prior of every group."""
+    def _posterior_pass(
+        self, x: Tensor, use_mean: bool = False, repeats: int = 1
+    ) -> tuple[Tensor, list[Tensor], list[Normal], list[Normal]]:
+        """Encode ``x`` and decode its posterior samples (or means), ``repeats`` samples per image (consecutive
+        in the batch; the bottom-up pass runs once per image). Returns the output parameters, the zs and the
+        posterior and prior of every group."""
         features = self._bottom_up(x)
+        if repeats > 1:
+            features = [f.repeat_interleave(repeats, dim=0) for f in features]
         zs: list[Tensor] = []
         posteriors: list[Normal] = []
         priors: list[Normal] = []
@@ -263,7 +270,7 @@ class NVAE(
             priors.append(prior)
             return z, q
 
-        params = self._top_down(x.shape[0], choose_z)
+        params = self._top_down(x.shape[0] * repeats, choose_z)
         return params, zs, posteriors, priors
 
     # ================================================================== training objective
@@ -299,7 +306,7 @@ class NVAE(
 
         Call it right after a forward pass (``loss`` does): the spectral term reuses that pass's weights."""
         convs = [m for m in self.modules() if isinstance(m, Conv2d)]
-        norms = [m for m in self.modules() if isinstance(m, nn.BatchNorm2d)]
+        norms = [m for m in self.modules() if isinstance(m, nn.BatchNorm2d | nn.SyncBatchNorm)]
         update = self.training
         iterations = self.config.power_iterations
         if update:
@@ -350,7 +357,7 @@ class NVAE(
                     seed: int | None = 0) -> None:
         """Re-estimate BatchNorm statistics on samples at ``temperature`` (the paper's trick for sharper
         low-temperature samples). Leaves the model in eval mode."""
-        norms = [m for m in self.modules() if isinstance(m, nn.BatchNorm2d)]
+        norms = [m for m in self.modules() if isinstance(m, nn.BatchNorm2d | nn.SyncBatchNorm)]
         for bn in norms:
             bn.reset_running_stats()
             bn.momentum = None  # cumulative average over the batches below
@@ -401,7 +408,7 @@ class NVAE(
         out = []
         for xb in x.split(per_chunk):
             xk = xb.repeat_interleave(num_samples, dim=0)
-            params, zs, posteriors, priors = self._posterior_pass(xk)
+            params, zs, posteriors, priors = self._posterior_pass(xb, repeats=num_samples)
             log_w = self._log_likelihood(params, xk)
             for z, q, p in zip(zs, posteriors, priors, strict=True):
                 log_w = log_w + (p.log_prob(z) - q.log_prob(z)).flatten(1).sum(dim=1)

@@ -1,0 +1,192 @@
+"""Training checkpoints: safetensors for tensors, JSON for everything else, written atomically.
+
+A checkpoint is a folder ``step-00001234`` under the run's ``checkpoints/`` folder::
+
+    model.safetensors      training weights and buffers
+    ema.safetensors        the exponential moving average of the weights (and a copy of the buffers)
+    optimizer.safetensors  the optimizer's per-parameter tensors, keyed "<param index>.<name>"
+    state.json             step, skipped updates, elapsed time, model config, the optimizer's param groups
+    rng-<rank>.safetensors each process's torch RNG state, with Python's and NumPy's in its metadata
+
+The data order needs no saved state: it is a function of (seed, step) (see ``trainer.StepBatchSampler``).
+Nothing is pickled and nothing is read with ``torch.load``. Every process writes into a hidden temporary
+folder (``.step-00001234.tmp``); only when all files are complete and flushed does the main process rename it
+to ``step-00001234``, so a crash while writing leaves either the previous checkpoints or a temporary folder
+that is never loaded (and is removed by the next save).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+CHECKPOINT_PATTERN = re.compile(r"^step-(\d{8})$")
+
+
+def checkpoint_name(step: int) -> str:
+    """The folder name of the checkpoint after ``step`` steps."""
+    return f"step-{step:08d}"
+
+
+def list_checkpoints(root: str | Path) -> list[Path]:
+    """Complete checkpoints under ``root``, oldest first (temporary folders are ignored)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if CHECKPOINT_PATTERN.match(p.name) and (p / "state.json").is_file()]
+    return sorted(found, key=lambda p: p.name)
+
+
+def latest_checkpoint(root: str | Path) -> Path | None:
+    """The newest complete checkpoint under ``root``, or None."""
+    checkpoints = list_checkpoints(root)
+    return checkpoints[-1] if checkpoints else None
+
+
+# ---------------------------------------------------------------------------------------------- tensors
+
+
+def _save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """Save tensors (moved to the CPU, made contiguous and unshared) with safetensors."""
+    save_file({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}, path, metadata=metadata)
+
+
+def optimizer_to_flat(state_dict: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Split an optimizer state dict into tensors (for safetensors) and JSON-able values."""
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for index, param_state in state_dict["state"].items():
+        for name, value in param_state.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{index}.{name}"] = value
+            else:
+                scalars.setdefault(str(index), {})[name] = value
+    return tensors, {"param_groups": state_dict["param_groups"], "scalars": scalars}
+
+
+def optimizer_from_flat(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    """Rebuild an optimizer state dict from ``optimizer_to_flat``'s two halves."""
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    for index, values in meta["scalars"].items():
+        state.setdefault(int(index), {}).update(values)
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+# ---------------------------------------------------------------------------------------------- RNG
+
+
+def save_rng_state(path: Path) -> None:
+    """Write this process's Python, NumPy, torch (and CUDA) RNG states."""
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors["cuda"] = torch.cuda.get_rng_state()
+    numpy_state = np.random.get_state(legacy=False)
+    numpy_state["state"]["key"] = numpy_state["state"]["key"].tolist()
+    metadata = {"python": json.dumps(random.getstate()), "numpy": json.dumps(numpy_state)}
+    _save_tensors(tensors, path, metadata=metadata)
+
+
+def load_rng_state(path: Path) -> None:
+    """Restore the RNG states written by ``save_rng_state``."""
+    with safe_open(path, framework="pt") as f:
+        metadata = f.metadata()
+        tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+    version, internal, gauss = json.loads(metadata["python"])
+    random.setstate((version, tuple(internal), gauss))
+    numpy_state = json.loads(metadata["numpy"])
+    numpy_state["state"]["key"] = np.asarray(numpy_state["state"]["key"], dtype=np.uint32)
+    np.random.set_state(numpy_state)
+    torch.set_rng_state(tensors["torch"])
+    if "cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["cuda"])
+
+
+# ---------------------------------------------------------------------------------------------- save / load
+
+
+def _fsync_tree(folder: Path) -> None:
+    """Flush every file in ``folder`` to disk, so the rename that publishes it comes after its contents."""
+    for path in folder.iterdir():
+        with path.open("rb") as f:
+            os.fsync(f.fileno())
+
+
+def save_checkpoint(
+    accelerator: Accelerator,
+    root: Path,
+    step: int,
+    *,
+    model: nn.Module,
+    ema: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    state: dict[str, Any],
+    keep: int,
+) -> Path:
+    """Write the checkpoint after ``step`` steps atomically (every process must call this) and delete all but
+    the newest ``keep``. ``state`` holds JSON-able training state (counters, config, ...)."""
+    final = root / checkpoint_name(step)
+    tmp = root / f".{final.name}.tmp"
+    if accelerator.is_main_process:
+        for stale in root.glob(".step-*.tmp"):  # left by a crash while saving
+            shutil.rmtree(stale)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    save_rng_state(tmp / f"rng-{accelerator.process_index}.safetensors")
+    if accelerator.is_main_process:
+        _save_tensors(model.state_dict(), tmp / "model.safetensors")
+        _save_tensors(ema.state_dict(), tmp / "ema.safetensors")
+        tensors, optimizer_meta = optimizer_to_flat(optimizer.state_dict())
+        _save_tensors(tensors, tmp / "optimizer.safetensors")
+        state = {**state, "step": step, "num_processes": accelerator.num_processes, "optimizer": optimizer_meta}
+        (tmp / "state.json").write_text(json.dumps(state, indent=1) + "\n")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        _fsync_tree(tmp)
+        if final.exists():  # only when a run is resumed from an older checkpoint than the newest
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in list_checkpoints(root)[:-keep]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(
+    accelerator: Accelerator,
+    path: Path,
+    *,
+    model: nn.Module,
+    ema: nn.Module,
+    optimizer: torch.optim.Optimizer,
+) -> dict[str, Any]:
+    """Load a checkpoint into the model, EMA, optimizer and this process's RNGs; return its ``state``.
+
+    The RNG state is restored only if the checkpoint was written by the same number of processes.
+    """
+    state = json.loads((path / "state.json").read_text())
+    device = accelerator.device
+    model.load_state_dict(load_file(path / "model.safetensors", device=str(device)))
+    ema.load_state_dict(load_file(path / "ema.safetensors", device=str(device)))
+    tensors = load_file(path / "optimizer.safetensors", device=str(device))
+    optimizer.load_state_dict(optimizer_from_flat(tensors, state["optimizer"]))
+    if state["num_processes"] == accelerator.num_processes:
+        load_rng_state(path / f"rng-{accelerator.process_index}.safetensors")
+    else:
+        accelerator.print(f"warning: {path} was written by {state['num_processes']} processes, this run has "
+                          f"{accelerator.num_processes}; random number generators are not restored")
+    return state

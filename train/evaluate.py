@@ -1,0 +1,107 @@
+"""Measure a trained NVAE's test likelihood: the importance-weighted NLL in nats and bits per dimension.
+
+    python train/evaluate.py --model OUTPUT/final --dataset mnist --split test --num-samples 1000
+
+prints one JSON object with the mean NLL, its standard error, the number of images, the number of importance
+samples K and the seed. With K = 1 the estimate is the negative ELBO; it tightens towards -log p(x) as K grows
+(the paper uses K = 1000). Bernoulli models see dynamically binarised images, drawn from the seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm.auto import tqdm
+
+from nvae_hub import NVAE
+from nvae_hub.data import DATASETS, binarize, build_dataset
+from nvae_hub.hub import load_pretrained
+
+
+@torch.no_grad()
+def evaluate_nll(model: NVAE, dataset: Dataset[torch.Tensor], *, num_samples: int, batch_size: int = 64,
+                 seed: int = 0, limit: int | None = None, progress: bool = True) -> dict[str, Any]:
+    """The importance-weighted NLL of ``model`` on the first ``limit`` images (all if None) of ``dataset``.
+
+    Returns ``num_images``, ``num_samples``, ``seed``, ``nll_nats`` (mean per image), ``nll_nats_stderr``,
+    ``bits_per_dim`` and ``bits_per_dim_stderr``. The model's and PyTorch's random state are left untouched.
+    """
+    if limit is not None:
+        dataset = Subset(dataset, range(min(limit, len(dataset))))
+    cfg = model.config
+    generator = torch.Generator().manual_seed(seed)  # binarisation
+    device = model.device
+    was_training = model.training
+    model.eval()
+    nll = []
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)  # the importance samples
+        for x in tqdm(DataLoader(dataset, batch_size=batch_size), desc="evaluate", disable=not progress,
+                      file=sys.stderr):
+            x = binarize(x, generator) if cfg.output == "bernoulli" else x
+            nll.append(model.nll(x.to(device), num_samples=num_samples).double().cpu())
+    model.train(was_training)
+    values = torch.cat(nll)
+    n = len(values)
+    stderr = values.std().item() / math.sqrt(n) if n > 1 else math.nan
+    to_bits = 1.0 / (cfg.channels * cfg.image_size**2 * math.log(2))
+    return {
+        "num_images": n, "num_samples": num_samples, "seed": seed,
+        "nll_nats": values.mean().item(), "nll_nats_stderr": stderr,
+        "bits_per_dim": values.mean().item() * to_bits, "bits_per_dim_stderr": stderr * to_bits,
+    }
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line options."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True,
+                        help="a folder written by save_pretrained (e.g. OUTPUT/final) or a Hugging Face Hub repo id")
+    parser.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) of --model")
+    parser.add_argument("--dataset", required=True, choices=DATASETS, help="the data set to evaluate on")
+    parser.add_argument("--data-dir", default=None,
+                        help="data folder (cache folder for mnist/cifar10, the images for imagefolder)")
+    parser.add_argument("--split", default="test", help="the split to evaluate (default: test)")
+    parser.add_argument("--num-samples", type=int, default=100,
+                        help="importance samples K per image (default: 100; the paper uses 1000)")
+    parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per batch (default: 64)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the binarisation and the importance samples (default: 0)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="device to run on (default: cuda if available, else cpu)")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse and check the command line."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for name in ("num_samples", "batch_size", "limit"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Evaluate as the command line says and print the result as one JSON object."""
+    args = parse_args(argv)
+    model = load_pretrained(args.model, revision=args.revision, device=args.device)
+    dataset = build_dataset(args.dataset, args.split, data_dir=args.data_dir, image_size=model.config.image_size,
+                            channels=model.config.channels, seed=args.seed)
+    result = {"model": args.model, "dataset": args.dataset, "split": args.split,
+              **evaluate_nll(model, dataset, num_samples=args.num_samples, batch_size=args.batch_size,
+                             seed=args.seed, limit=args.limit)}
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()

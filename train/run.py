@@ -1,0 +1,131 @@
+"""Train an NVAE.
+
+    python train/run.py --preset mnist-small --dataset mnist --output-dir runs/mnist --epochs 10
+    accelerate launch --num_processes 2 --mixed_precision bf16 train/run.py --preset cifar10 --dataset cifar10 ...
+
+The number of processes (one per GPU) and mixed precision come from ``accelerate launch``; ``--batch-size`` is
+per process. Rerun the same command with ``--resume`` to continue an interrupted run from its last checkpoint.
+See train/trainer.py for the recipe and the outputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+from typing import Any
+
+from nvae_hub import NVAEConfig
+from nvae_hub.data import DATASETS
+
+# isort: split
+# A module next to this script: Python puts the script's folder (train/) first on sys.path.
+from trainer import train
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line options."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    what = parser.add_argument_group("model and data")
+    model = what.add_mutually_exclusive_group()
+    model.add_argument("--preset", default="mnist-small", choices=NVAEConfig.presets(),
+                       help="model configuration (default: mnist-small)")
+    model.add_argument("--config", default=None, help="a model config JSON file, instead of --preset")
+    what.add_argument("--dataset", required=True, choices=DATASETS, help="training data set")
+    what.add_argument("--data-dir", default=None,
+                      help="data folder: the download cache for mnist/cifar10 (default $NVAE_HUB_CACHE or "
+                           "~/.cache/nvae_hub), the folder of images for imagefolder")
+    what.add_argument("--num-workers", type=int, default=0,
+                      help="data-loading worker processes (default: 0; raise it for imagefolder)")
+
+    how_long = parser.add_argument_group("length").add_mutually_exclusive_group(required=True)
+    how_long.add_argument("--epochs", type=int, help="train for this many passes over the data")
+    how_long.add_argument("--max-steps", type=int, help="train for this many optimizer steps")
+
+    recipe = parser.add_argument_group("optimisation (defaults: the paper's MNIST recipe)")
+    recipe.add_argument("--batch-size", type=int, default=64, help="images per process per step (default: 64)")
+    recipe.add_argument("--lr", type=float, default=1e-2, help="peak learning rate of Adamax (default: 1e-2)")
+    recipe.add_argument("--lr-min", type=float, default=1e-4,
+                        help="learning rate at the end of the cosine decay (default: 1e-4)")
+    recipe.add_argument("--lr-warmup", type=float, default=0.0125,
+                        help="fraction of training with a linear learning-rate warm-up (default: 0.0125, "
+                             "the paper's 5 of 400 epochs)")
+    recipe.add_argument("--weight-decay", type=float, default=3e-4, help="Adamax weight decay (default: 3e-4)")
+    recipe.add_argument("--kl-warmup", type=float, default=0.3,
+                        help="fraction of training over which the KL weight ramps up to 1, with KL balancing "
+                             "(default: 0.3)")
+    recipe.add_argument("--grad-clip", type=float, default=200.0,
+                        help="clip the gradient norm to this (default: 200; 0 turns clipping off)")
+    recipe.add_argument("--skip-threshold", type=float, default=2000.0,
+                        help="skip updates whose gradient norm exceeds this (default: 2000; 0 turns it off); "
+                             "updates with a NaN or infinite gradient norm are always skipped")
+    recipe.add_argument("--ema-decay", type=float, default=0.999,
+                        help="decay of the exponential moving average of the weights (default: 0.999)")
+    recipe.add_argument("--seed", type=int, default=0,
+                        help="seed of the initialisation, the data order and the noise (default: 0)")
+
+    output = parser.add_argument_group("outputs")
+    output.add_argument("--output-dir", required=True, help="folder for logs, checkpoints, samples and final/")
+    output.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
+                        help="continue from the newest checkpoint in OUTPUT_DIR/checkpoints (or from the given "
+                             "checkpoint folder)")
+    output.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints (default: 500)")
+    output.add_argument("--keep-checkpoints", type=int, default=3, help="checkpoints to keep (default: 3)")
+    output.add_argument("--log-every", type=int, default=50,
+                        help="steps between TensorBoard records and progress-bar updates (default: 50)")
+    output.add_argument("--sample-every", type=int, default=1000,
+                        help="steps between grids of samples and reconstructions (default: 1000)")
+    output.add_argument("--temperatures", type=float, nargs="+", default=[1.0, 0.8, 0.6],
+                        help="temperatures of the sample grids, one row each (default: 1.0 0.8 0.6)")
+    output.add_argument("--eval-samples", type=int, default=0,
+                        help="at the end, measure the test NLL with this many importance samples and put it in "
+                             "the model card (default: 0, no evaluation)")
+    output.add_argument("--eval-limit", type=int, default=None,
+                        help="evaluate on only the first N test images (default: all)")
+    output.add_argument("--push-to-hub", default=None, metavar="REPO_ID",
+                        help="upload final/ to this Hugging Face Hub model repo at the end")
+    output.add_argument("--private", action="store_true", help="create the --push-to-hub repo as private")
+
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse and check the command line."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    positive = ["epochs", "max_steps", "batch_size", "checkpoint_every", "keep_checkpoints", "log_every",
+                "sample_every", "eval_limit"]
+    for name in positive:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    for name in ["lr", "lr_min", "weight_decay", "grad_clip", "skip_threshold", "num_workers", "eval_samples"]:
+        if getattr(args, name) < 0:
+            parser.error(f"--{name.replace('_', '-')} must not be negative")
+    for name in ["lr_warmup", "kl_warmup", "ema_decay"]:
+        if not 0 <= getattr(args, name) <= 1:
+            parser.error(f"--{name.replace('_', '-')} must be between 0 and 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Parse the command line and train; return the run's summary (empty on processes other than the main)."""
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    args.command = shlex.join([*launcher(), "train/run.py", *argv])
+    return train(args)
+
+
+def launcher() -> list[str]:
+    """How this script was started, for the model card: python, or accelerate launch with its process count and
+    mixed precision (which ``accelerate launch`` passes on in environment variables)."""
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if processes == 1 and precision == "no":
+        return ["python"]
+    return ["accelerate", "launch", "--num_processes", str(processes), "--mixed_precision", precision]
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,379 @@
+"""The NVAE training loop, on one or many devices with Accelerate.
+
+The recipe is the paper's (Vahdat & Kautz, 2020, and the official code): Adamax with weight decay, a linear
+learning-rate warm-up then cosine decay to a floor, KL warm-up over the first 30% of training with KL
+balancing, and the spectral and batch-norm regularisers (annealed with the KL weight when the config asks).
+On top of it, three tricks of later deep VAEs: gradient-norm clipping, skipping updates whose gradient norm
+is not finite or too large (counted and logged), and an exponential moving average (EMA) of the weights,
+which is what samples, evaluation and the exported model use.
+
+A run is deterministic given its options: the data order is a function of (seed, step) and every random
+number generator is saved in the checkpoints, so a run resumed with ``--resume`` ends with exactly the
+weights of an uninterrupted one (on the same hardware and process count).
+
+Outputs in ``--output-dir``: ``log.jsonl`` (one record per step), ``checkpoints/``, ``samples/`` (PNG grids),
+``tensorboard/``, ``plots/`` (learning curves, KL per group), ``final/`` (the EMA model with its card) and
+``summary.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import math
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Sampler
+from tqdm.auto import tqdm
+
+from nvae_hub import NVAE, NVAEConfig
+from nvae_hub.card import TrainingInfo
+from nvae_hub.data import binarize, build_dataset
+from nvae_hub.hub import push_to_hub, save_pretrained
+from nvae_hub.schedules import kl_warmup, reg_weight
+
+# isort: split
+# Modules next to this one: Python puts the folder of the script it runs (train/) first on sys.path.
+import plots
+from checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from evaluate import evaluate_nll
+
+KL_CONSTANT_FRACTION = 1e-4
+"""Fraction of training at the start during which the KL weight stays at its minimum (the official code)."""
+RECON_IMAGES = 8
+"""Images in the reconstruction grids."""
+MAX_CONSECUTIVE_SKIPS = 50
+"""Stop with an error after this many skipped updates in a row: the run is stuck, not unlucky."""
+
+
+# ---------------------------------------------------------------------------------------------- pieces
+
+
+class LossModule(nn.Module):
+    """``NVAE.loss`` as a ``forward``: DistributedDataParallel synchronises the gradients of what ``forward``
+    computes, so the training loss must go through a module's forward, not a method of the model."""
+
+    def __init__(self, model: NVAE) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor, kl_weight: float, reg_weight: float) -> dict[str, Tensor]:
+        out = self.model.loss(x, kl_weight=kl_weight, reg_weight=reg_weight)
+        return {field.name: getattr(out, field.name) for field in dataclasses.fields(out)}
+
+
+class EMA:
+    """An exponential moving average of a model's parameters, with its buffers (batch-norm statistics, the
+    spectral regulariser's vectors) copied from the model.
+
+    The decay ramps up as min(decay, (1 + n) / (10 + n)) after n updates, so that the average is not
+    dominated by the random initialisation in short runs.
+    """
+
+    def __init__(self, model: NVAE, decay: float) -> None:
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+        self.decay = decay
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, num_updates: int) -> None:
+        decay = min(self.decay, (1 + num_updates) / (10 + num_updates))
+        for average, param in zip(self.module.parameters(), model.parameters(), strict=True):
+            average.lerp_(param.detach(), 1.0 - decay)
+        for average, buffer in zip(self.module.buffers(), model.buffers(), strict=True):
+            average.copy_(buffer)
+
+
+class StepBatchSampler(Sampler[list[int]]):
+    """This process's dataset indices for every step from ``start_step`` to ``max_steps``.
+
+    Each epoch is a fresh permutation drawn from (seed, epoch); it is cut into global batches of
+    ``batch_size * num_processes`` (an incomplete last batch is dropped) and each global batch into one slice
+    per process. The batch of a step depends only on (seed, step), so a run resumed mid-epoch continues with
+    exactly the batch it would have seen.
+    """
+
+    def __init__(self, dataset_size: int, batch_size: int, num_processes: int, rank: int, seed: int,
+                 start_step: int, max_steps: int) -> None:
+        self.dataset_size, self.batch_size, self.rank, self.seed = dataset_size, batch_size, rank, seed
+        self.start_step, self.max_steps = start_step, max_steps
+        self.global_batch = batch_size * num_processes
+        self.steps_per_epoch = dataset_size // self.global_batch
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"the data set has {dataset_size} images, fewer than one global batch of "
+                             f"{batch_size} x {num_processes} processes; lower --batch-size")
+
+    def __len__(self) -> int:
+        return self.max_steps - self.start_step
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order, order_epoch = None, -1
+        for step in range(self.start_step, self.max_steps):
+            epoch, index = divmod(step, self.steps_per_epoch)
+            if epoch != order_epoch:
+                order, order_epoch = np.random.default_rng((self.seed, epoch)).permutation(self.dataset_size), epoch
+            start = index * self.global_batch + self.rank * self.batch_size
+            yield order[start:start + self.batch_size].tolist()
+
+
+def learning_rate(step: int, max_steps: int, lr: float, lr_min: float, warmup_steps: int) -> float:
+    """Learning rate of step ``step`` (0-based): linear warm-up to ``lr``, then cosine decay to ``lr_min``, which
+    the last step (``max_steps - 1``) reaches."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps + 1) / max(1, max_steps - warmup_steps))
+    return lr_min + 0.5 * (lr - lr_min) * (1.0 + math.cos(math.pi * progress))
+
+
+def model_config(args: argparse.Namespace) -> NVAEConfig:
+    """The model config: a JSON file given with --config, else the preset."""
+    return NVAEConfig.load(args.config) if args.config else NVAEConfig.preset(args.preset)
+
+
+def hardware_description(accelerator: Accelerator) -> str:
+    """E.g. '2 x NVIDIA H100 80GB HBM3, mixed precision bf16' or '1 x CPU (16 cores), mixed precision no'."""
+    device = accelerator.device
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
+    return f"{accelerator.num_processes} x {name}, mixed precision {accelerator.mixed_precision}"
+
+
+def parameter_checksum(model: nn.Module) -> float:
+    """An order-sensitive checksum of the parameters, to check that all processes hold the same model."""
+    return sum((i + 1) * p.detach().double().sum().item() for i, p in enumerate(model.parameters()))
+
+
+def finite_or_none(value: float) -> float | None:
+    """``value``, or None if it is NaN or infinite (JSON has no NaN)."""
+    return value if math.isfinite(value) else None
+
+
+def read_log(path: Path) -> list[dict[str, Any]]:
+    """The records of a ``log.jsonl`` file (empty if it does not exist)."""
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def truncate_log(path: Path, last_step: int) -> None:
+    """Atomically drop the records after ``last_step`` (steps that a resumed run will redo)."""
+    kept = [r for r in read_log(path) if r["step"] <= last_step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+
+def train(args: argparse.Namespace) -> dict[str, Any]:
+    """Train an NVAE as the options ``args`` of ``train/run.py`` say; return the run's summary."""
+    out_dir = Path(args.output_dir)
+    accelerator = Accelerator(log_with="tensorboard", project_dir=out_dir)
+    main = accelerator.is_main_process
+    checkpoint_dir, log_path = out_dir / "checkpoints", out_dir / "log.jsonl"
+
+    # ---- model, EMA, optimizer (the same initial weights in every process, then per-process noise)
+    cfg = model_config(args)
+    set_seed(args.seed)
+    model = NVAE(cfg)
+    ema = EMA(model, args.ema_decay)
+    ema.module.to(accelerator.device)
+    set_seed(args.seed, device_specific=True)
+    if accelerator.device.type == "cuda" and accelerator.num_processes > 1:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    optimizer = torch.optim.Adamax(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, eps=1e-3)
+    loss_module, optimizer = accelerator.prepare(LossModule(model), optimizer)
+    model = accelerator.unwrap_model(loss_module).model
+
+    # ---- data: a step-indexed order, so a resumed run continues at the right batch
+    dataset = build_dataset(args.dataset, "train", data_dir=args.data_dir, image_size=cfg.image_size,
+                            channels=cfg.channels, seed=args.seed)
+    global_batch = args.batch_size * accelerator.num_processes
+    steps_per_epoch = len(dataset) // global_batch
+    max_steps = args.max_steps if args.max_steps is not None else args.epochs * steps_per_epoch
+    warmup_steps = max(1, round(args.lr_warmup * max_steps))
+    kl_warmup_steps, kl_constant_steps = round(args.kl_warmup * max_steps), round(KL_CONSTANT_FRACTION * max_steps)
+    binary = cfg.output == "bernoulli"
+
+    # ---- resume, or refuse to overwrite an earlier run
+    start_step, skipped, consecutive_skips, elapsed = 0, 0, 0, 0.0
+    if args.resume:
+        path = latest_checkpoint(checkpoint_dir) if args.resume == "latest" else Path(args.resume)
+        if path is None:
+            accelerator.print(f"no checkpoint in {checkpoint_dir}; starting from scratch")
+        else:
+            state = load_checkpoint(accelerator, path, model=model, ema=ema.module, optimizer=optimizer)
+            if NVAEConfig.from_dict(state["config"]) != cfg:
+                raise ValueError(f"{path} holds a different model config than --preset/--config ask for")
+            start_step, skipped, elapsed = state["step"], state["skipped"], state["elapsed_seconds"]
+            accelerator.print(f"resumed from {path} at step {start_step}")
+    elif latest_checkpoint(checkpoint_dir) is not None:
+        raise FileExistsError(f"{out_dir} already holds checkpoints; pass --resume to continue that run or "
+                              f"choose another --output-dir")
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        truncate_log(log_path, start_step)
+        (out_dir / "args.json").write_text(json.dumps(vars(args), indent=1) + "\n")
+    sampler = StepBatchSampler(len(dataset), args.batch_size, accelerator.num_processes,
+                               accelerator.process_index, args.seed, start_step, max_steps)
+    # A private generator: the loader must not draw from the global RNG, whose state the checkpoints carry.
+    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=args.num_workers,
+                        generator=torch.Generator(), pin_memory=accelerator.device.type == "cuda")
+    recon_images = torch.stack([dataset[i] for i in range(RECON_IMAGES)])
+    if binary:
+        recon_images = binarize(recon_images, torch.Generator().manual_seed(args.seed))
+
+    accelerator.init_trackers("tensorboard", config={k: v for k, v in vars(args).items()
+                                                     if isinstance(v, int | float | str | bool)})
+    dims = cfg.channels * cfg.image_size**2
+    progress = tqdm(total=max_steps, initial=start_step, desc="train", disable=not main, dynamic_ncols=True)
+    log_file = log_path.open("a") if main else None
+    loop_start = time.perf_counter()
+
+    def checkpoint(step: int) -> None:
+        state = {"skipped": skipped, "elapsed_seconds": elapsed + time.perf_counter() - loop_start,
+                 "config": cfg.to_dict(), "args": vars(args)}
+        save_checkpoint(accelerator, checkpoint_dir, step, model=model, ema=ema.module, optimizer=optimizer,
+                        state=state, keep=args.keep_checkpoints)
+
+    # ---- the loop; `step` counts completed steps, so the schedules see 0, 1, ... and the log 1, 2, ...
+    loss_module.train()
+    for step, x in enumerate(loader, start=start_step + 1):
+        kl_weight = kl_warmup(step - 1, kl_warmup_steps, kl_constant_steps)
+        reg = reg_weight(kl_weight, cfg.reg_weight, cfg.reg_weight_init)
+        lr = learning_rate(step - 1, max_steps, args.lr, args.lr_min, warmup_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        x = x.to(accelerator.device, non_blocking=True)
+        x = binarize(x) if binary else x
+        buffers = [b.detach().clone() for b in model.buffers()]  # restored if the update is skipped
+
+        with accelerator.autocast():
+            out = loss_module(x, kl_weight=kl_weight, reg_weight=reg)
+        accelerator.backward(out["total"])
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.grad_clip or math.inf).item()
+        skip = not math.isfinite(grad_norm) or (args.skip_threshold > 0 and grad_norm > args.skip_threshold)
+        if skip:  # the same decision in every process: the gradients (and so their norm) are all-reduced
+            skipped, consecutive_skips = skipped + 1, consecutive_skips + 1
+            with torch.no_grad():
+                for buffer, saved in zip(model.buffers(), buffers, strict=True):
+                    buffer.copy_(saved)
+            if accelerator.scaler is not None:  # fp16: close the loss scaler's step that clipping opened
+                accelerator.scaler.update()
+        else:
+            optimizer.step()
+            ema.update(model, step)
+            consecutive_skips = 0
+        optimizer.zero_grad(set_to_none=True)
+
+        # ---- bookkeeping: the mean over processes of this step's losses, one log record per step
+        parts = [out["total"], out["recon"].mean(), out["kl"].mean(), out["spectral"], out["bn"],
+                 *out["kl_per_group"].mean(0)]
+        stats = accelerator.reduce(torch.stack([p.detach().float() for p in parts]), reduction="mean").tolist()
+        loss, recon, kl, spectral, bn = stats[:5]
+        record = {
+            "step": step, "loss": loss, "recon": recon, "kl": kl, "bits_per_dim": (recon + kl) / (dims * math.log(2)),
+            "spectral": spectral, "bn": bn, "kl_groups": stats[5:], "kl_weight": kl_weight, "reg_weight": reg,
+            "lr": lr, "grad_norm": grad_norm, "skipped": skip, "skipped_total": skipped, "resumed_from": start_step,
+        }
+        record = {k: finite_or_none(v) if isinstance(v, float) else v for k, v in record.items()}
+        record["kl_groups"] = [finite_or_none(v) for v in record["kl_groups"]]
+        if main:
+            log_file.write(json.dumps(record) + "\n")
+            log_file.flush()
+        progress.update(1)
+        if step % args.log_every == 0 or step == max_steps:
+            progress.set_postfix(loss=f"{loss:.2f}", kl=f"{kl:.2f}", bpd=f"{record['bits_per_dim'] or math.nan:.4f}",
+                                 skipped=skipped)
+            scalars = {f"loss/{k}": record[k] for k in ("loss", "recon", "kl", "spectral", "bn", "bits_per_dim")}
+            scalars |= {f"kl_group/{g:02d}": v for g, v in enumerate(record["kl_groups"])}
+            scalars |= {f"train/{k}": record[k] for k in ("lr", "grad_norm", "kl_weight", "reg_weight")}
+            scalars["train/skipped_updates"] = skipped
+            accelerator.log({k: v for k, v in scalars.items() if v is not None}, step=step)
+        if main and (step % args.sample_every == 0 or step == max_steps):
+            name = f"samples/step-{step:08d}"
+            plots.save_samples(ema.module, out_dir / f"{name}-samples.png", args.temperatures)
+            plots.save_reconstructions(ema.module, recon_images, out_dir / f"{name}-recon.png")
+        if step % args.checkpoint_every == 0 or step == max_steps:
+            checkpoint(step)
+        if consecutive_skips >= MAX_CONSECUTIVE_SKIPS:
+            raise RuntimeError(f"the last {consecutive_skips} updates were all skipped (gradient norm {grad_norm:.4g}, "
+                               f"--skip-threshold {args.skip_threshold}); lower --lr or raise --skip-threshold")
+    progress.close()
+    session_seconds = time.perf_counter() - loop_start
+    session_steps = max_steps - start_step
+
+    # ---- every process must hold the same weights (DistributedDataParallel keeps them in step)
+    checksums = accelerator.gather(torch.tensor([parameter_checksum(model)], dtype=torch.float64,
+                                                device=accelerator.device)).tolist()
+    summary: dict[str, Any] = {}
+    if main:
+        log_file.close()
+        summary = finish(args, accelerator, cfg, ema.module, steps_per_epoch=steps_per_epoch, max_steps=max_steps,
+                         skipped=skipped, wall_time=elapsed + session_seconds,
+                         images_per_second=session_steps * global_batch / session_seconds if session_steps else None,
+                         checksums=checksums)
+    accelerator.end_training()
+    if len(set(checksums)) != 1:
+        raise RuntimeError(f"the processes ended with different weights (parameter checksums {checksums})")
+    return summary
+
+
+def finish(args: argparse.Namespace, accelerator: Accelerator, cfg: NVAEConfig, ema_model: NVAE, *,
+           steps_per_epoch: int, max_steps: int, skipped: int, wall_time: float, images_per_second: float | None,
+           checksums: list[float]) -> dict[str, Any]:
+    """After training (main process): evaluate, plot, export ``final/``, write ``summary.json``, push."""
+    out_dir = Path(args.output_dir)
+    history = read_log(out_dir / "log.jsonl")
+    tail = history[-max(1, len(history) // 10):]  # the last 10% of the steps
+
+    metrics: dict[str, float] = {}
+    metrics_note = ""
+    if args.eval_samples > 0:
+        test_set = build_dataset(args.dataset, "test", data_dir=args.data_dir, image_size=cfg.image_size,
+                                 channels=cfg.channels, seed=args.seed)
+        result = evaluate_nll(ema_model, test_set, num_samples=args.eval_samples, limit=args.eval_limit,
+                              batch_size=args.batch_size, seed=args.seed)
+        metrics = {"test_nll_nats": result["nll_nats"], "test_bits_per_dim": result["bits_per_dim"]}
+        metrics_note = (f"Importance-weighted NLL with {result['num_samples']} samples on {result['num_images']} "
+                        f"{args.dataset} test images (standard error {result['nll_nats_stderr']:.2f} nats), EMA "
+                        f"weights, evaluation seed {result['seed']}"
+                        + (", dynamic binarisation." if cfg.output == "bernoulli" else "."))
+
+    plots_dir = out_dir / "plots"
+    plots_dir.mkdir(exist_ok=True)
+    plots.plot_learning_curves(history, plots_dir / "learning_curves.png")
+    kl_groups = [float(np.mean([r["kl_groups"][g] for r in tail if r["kl_groups"][g] is not None] or [math.nan]))
+                 for g in range(len(ema_model.scale_of_group))]
+    plots.plot_kl_per_group(kl_groups, ema_model.scale_of_group, plots_dir / "kl_per_group.png")
+
+    info = TrainingInfo(command=args.command, dataset=args.dataset, steps=max_steps, wall_time_seconds=wall_time,
+                        hardware=hardware_description(accelerator), metrics=metrics, metrics_note=metrics_note)
+    save_pretrained(ema_model, out_dir / "final", training=info)
+
+    def tail_mean(key: str) -> float | None:
+        values = [r[key] for r in tail if r[key] is not None]
+        return float(np.mean(values)) if values else None
+
+    summary = {
+        "steps": max_steps, "epochs": max_steps / steps_per_epoch, "wall_time_seconds": wall_time,
+        "images_per_second": images_per_second, "skipped_updates": skipped,
+        "num_processes": accelerator.num_processes, "replica_checksums": checksums,
+        "final": {key: tail_mean(key) for key in ("loss", "recon", "kl", "bits_per_dim")},
+        "test": metrics,
+    }
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    if args.push_to_hub:
+        url = push_to_hub(ema_model, args.push_to_hub, training=info, private=args.private or None)
+        accelerator.print(f"pushed to {url}")
+    return summary
