@@ -1,0 +1,648 @@
+"""The nvae_hub Gradio app: sample a pretrained NVAE, reconstruct your images, swap latent scales between two
+images and see what each scale of the latent hierarchy controls.
+
+    python app.py                                # the bundled MNIST model at http://127.0.0.1:7860
+    python app.py --model user/repo --port 8080  # a model from the Hugging Face Hub (or a local folder)
+    NVAE_MODEL=path/to/folder python app.py
+
+Reading guide. ``Explorer`` loads the model and picks the runtime that generates images: onnxruntime on an ONNX
+export when one can be found or made (``find_onnx_export``), else PyTorch (``TorchEngine``). It has one method
+per button of the page; each checks its inputs (raising ``InputError``, a ``gr.Error`` shown in the page), runs
+the model and returns PNG-ready pictures and a line of Markdown. ``build_app`` lays out the page and wires the
+buttons to those methods; ``launch`` serves it with the app's limits; ``main`` parses the command line.
+Importing this file does no heavy work, so it also serves as a Hugging Face Space's ``app.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import itertools
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import gradio as gr
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from nvae_hub import NVAE, load_pretrained
+from nvae_hub.data import image_to_tensor, mnist_arrays
+from nvae_hub.hub import BUNDLED_MODELS
+from nvae_hub.layers import Conv2d
+from nvae_hub.visual import display_zoom, image_grid, labelled_grid, to_pil
+
+logger = logging.getLogger("nvae_hub.app")
+
+DEFAULT_MODEL = "mnist"
+MAX_SIDE = 4096  # pixels per side of an input image
+MAX_PIXELS = 16_000_000  # pixels of an input image
+MAX_FILE_SIZE = "10mb"  # per upload
+MAX_SAMPLES = 64
+MAX_TEMPERATURE = 1.2
+DEFAULT_TEMPERATURE = 0.7
+BPD_SAMPLES = 16  # importance samples K of the bits/dim estimate
+NUM_EXAMPLES = 10
+ONNX_META_FILE = "nvae_onnx.json"  # what marks a folder as an ONNX export (nvae_hub.onnx.META_FILE)
+RUNTIMES = ("auto", "onnx", "torch")
+# Small images (a 28x28 digit) fill their box with sharp pixels instead of sitting tiny in its middle.
+CSS = ".pixelated img { image-rendering: pixelated; height: 160px !important; max-width: 100%; object-fit: contain; }"
+
+
+# ====================================================================== runtimes
+class Engine(Protocol):
+    """What the app needs from a runtime, on float32 NumPy arrays (``nvae_hub.onnx.OnnxNVAE`` has it)."""
+
+    def decode_noise(self, noise: Sequence[np.ndarray], temperature: Sequence[float]) -> np.ndarray:
+        """Images (N, C, H, W) from prior noise, one array per group, and one temperature per group."""
+        ...
+
+    def encode(self, x: np.ndarray) -> list[np.ndarray]:
+        """Posterior means of images x, one array per group."""
+        ...
+
+    def decode(self, latents: Sequence[np.ndarray]) -> np.ndarray:
+        """Images decoded from one latent array per group."""
+        ...
+
+
+class TorchEngine:
+    """An ``NVAE`` behind the same NumPy interface as ``OnnxNVAE``: the fallback runtime."""
+
+    def __init__(self, model: NVAE) -> None:
+        self.model = model
+
+    def _tensors(self, arrays: Sequence[np.ndarray]) -> list[torch.Tensor]:
+        return [torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).to(self.model.device) for a in arrays]
+
+    @torch.inference_mode()
+    def decode_noise(self, noise: Sequence[np.ndarray], temperature: Sequence[float]) -> np.ndarray:
+        """``NVAE.decode_noise`` on NumPy arrays."""
+        return self.model.decode_noise(self._tensors(noise), list(temperature)).float().cpu().numpy()
+
+    @torch.inference_mode()
+    def encode(self, x: np.ndarray) -> list[np.ndarray]:
+        """``NVAE.encode`` (posterior means) on NumPy arrays."""
+        return [z.float().cpu().numpy() for z in self.model.encode(self._tensors([x])[0]).z]
+
+    @torch.inference_mode()
+    def decode(self, latents: Sequence[np.ndarray]) -> np.ndarray:
+        """``NVAE.decode`` on NumPy arrays."""
+        return self.model.decode(self._tensors(latents)).float().cpu().numpy()
+
+
+def weights_digest(model: NVAE) -> str:
+    """A short hash of the model's config and weights: the key of its ONNX export in the cache."""
+    digest = hashlib.sha256(model.config.to_json().encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
+    """``cache_dir`` if given, else ``$NVAE_HUB_CACHE``, else ``~/.cache/nvae_hub``."""
+    if cache_dir is not None:
+        return Path(cache_dir).expanduser()
+    return Path(os.environ.get("NVAE_HUB_CACHE") or Path.home() / ".cache" / "nvae_hub").expanduser()
+
+
+def find_onnx_export(model: NVAE, model_name_or_path: str, onnx_dir: str | os.PathLike | None,
+                     cache: Path, digest: str) -> Path:
+    """The folder of an ONNX export of ``model``: ``onnx_dir`` if given, else ``<model folder>/onnx`` if it
+    holds one, else ``<cache>/onnx/<digest>``, exported there (once; later starts reuse it) if missing."""
+    if onnx_dir is not None:
+        return Path(onnx_dir)
+    folder = Path(model_name_or_path) if Path(model_name_or_path).is_dir() else BUNDLED_MODELS.get(model_name_or_path)
+    if folder is not None and (folder / "onnx" / ONNX_META_FILE).is_file():
+        return folder / "onnx"
+    target = cache / "onnx" / digest
+    if not (target / ONNX_META_FILE).is_file():
+        from nvae_hub.export import export_onnx  # imports onnx and the exporter, so only when needed
+
+        logger.info("exporting %s to ONNX in %s (once; later starts reuse it)", model_name_or_path, target)
+        # The exporter warns about every torchvision op it cannot register; the NVAE needs none of them.
+        logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{digest}-"))
+        try:
+            export_onnx(model, staging, source=str(model_name_or_path))
+            os.replace(staging, target)  # atomic: a concurrent start sees all of it or none
+        except OSError:
+            if not (target / ONNX_META_FILE).is_file():
+                raise
+            logger.info("another start exported %s first; using its export", model_name_or_path)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)  # left only if the export failed or another start won
+    return target
+
+
+def load_onnx_engine(export_dir: Path, model: NVAE) -> tuple[Engine, str]:
+    """``OnnxNVAE`` on ``export_dir`` and a description of it; refuses an export of a different model."""
+    import onnxruntime as ort
+
+    from nvae_hub.onnx import OnnxNVAE
+
+    engine = OnnxNVAE(export_dir)
+    ours = {k: v for k, v in model.config.to_dict().items() if k != "name"}
+    theirs = {k: v for k, v in engine.meta.get("config", {}).items() if k != "name"}
+    if ours != theirs:
+        raise ValueError(f"the ONNX export in {export_dir} is of a different model config")
+    return engine, f"onnxruntime {ort.__version__} ({engine.provider})"
+
+
+# ====================================================================== reading images
+class InputError(gr.Error):
+    """A problem with what the user gave, shown in the page (and not logged as a crash)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, print_exception=False)
+
+
+def open_image(value: Any) -> Image.Image:
+    """The image of an upload (a Gradio file payload, a path or a PIL image), decoded and upright. Raises
+    ``InputError`` with a message for the page when there is none, it is not an image, is corrupt or too big."""
+    if value is None or value == "":
+        raise InputError("No image given: upload or paste one, draw one, or pick an example.")
+    if isinstance(value, Image.Image):
+        image = value
+    else:
+        path = value.get("path") if isinstance(value, dict) else value
+        name = (value.get("orig_name") if isinstance(value, dict) else None) or Path(str(path)).name
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit comes next
+                image = Image.open(path)
+        except Image.DecompressionBombError as error:
+            raise InputError(f"{name} is far too large: {error}. The limit is {MAX_SIDE} pixels per side and "
+                           f"{MAX_PIXELS / 1e6:g} megapixels.") from error
+        except UnidentifiedImageError as error:
+            raise InputError(f"{name} is not an image that can be read (PNG, JPEG, WebP, GIF, BMP, TIFF, ...)."
+                           ) from error
+        except OSError as error:
+            raise InputError(f"Cannot read {name}: {error}") from error
+    width, height = image.size
+    if max(width, height) > MAX_SIDE or width * height > MAX_PIXELS:
+        raise InputError(f"The image is {width}x{height} pixels, too large: the limit is {MAX_SIDE} pixels per "
+                       f"side and {MAX_PIXELS / 1e6:g} megapixels. Please make it smaller.")
+    if width == 0 or height == 0:
+        raise InputError("The image is empty (0 pixels).")
+    try:
+        image.load()  # decode now, so that a truncated or corrupt file fails here
+        return ImageOps.exif_transpose(image)
+    except (OSError, ValueError, EOFError, SyntaxError) as error:
+        raise InputError(f"The image file is corrupt or truncated and cannot be decoded ({error}).") from error
+
+
+# ====================================================================== small helpers
+def scale_label(scale: int, num_scales: int, side: int) -> str:
+    """E.g. 'scale 0 (coarsest, 4x4)': a scale and the height x width of its latents."""
+    if num_scales > 1 and scale == 0:
+        return f"scale {scale} (coarsest, {side}x{side})"
+    if num_scales > 1 and scale == num_scales - 1:
+        return f"scale {scale} (finest, {side}x{side})"
+    return f"scale {scale} ({side}x{side})"
+
+
+def number(value: Any, name: str, low: float, high: float, integer: bool = False) -> float:
+    """``value`` as a number in [low, high] (an int if ``integer``), else ``InputError`` naming it."""
+    try:
+        result = float(value)
+    except (TypeError, ValueError):
+        raise InputError(f"{name} must be a number, got {value!r}.") from None
+    if not (math.isfinite(result) and low <= result <= high) or (integer and result != int(result)):
+        kind = "a whole number" if integer else "a number"
+        raise InputError(f"{name} must be {kind} from {low:g} to {high:g}, got {value!r}.")
+    return int(result) if integer else result
+
+
+def elapsed_ms(start: float) -> str:
+    """Milliseconds since ``start`` (a ``time.perf_counter()``), for the page."""
+    return f"{(time.perf_counter() - start) * 1000:.0f} ms"
+
+
+# ====================================================================== the model and the buttons' actions
+class Explorer:
+    """A pretrained NVAE, the runtime that generates its images, and one method per button of the page.
+
+    ``runtime`` is 'auto' (onnxruntime if an export can be found or made, else PyTorch), 'onnx' (fail if it
+    cannot be used) or 'torch'. Bits per dimension are always computed with PyTorch, with ``bpd_samples``
+    importance samples.
+    """
+
+    def __init__(self, model_name_or_path: str, onnx_dir: str | os.PathLike | None = None, *,
+                 runtime: str = "auto", cache_dir: str | os.PathLike | None = None,
+                 bpd_samples: int = BPD_SAMPLES) -> None:
+        if runtime not in RUNTIMES:
+            raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
+        self.name = str(model_name_or_path)
+        self.bpd_samples = bpd_samples
+        self.cache = cache_root(cache_dir)
+        model = load_pretrained(model_name_or_path, device="cuda" if torch.cuda.is_available() else "cpu")
+        self.digest = weights_digest(model)
+        for module in model.modules():  # the app never trains: fold weight normalisation for speed
+            if isinstance(module, Conv2d):
+                module.fold_weight_norm()
+        self.model = model
+        self.config = cfg = model.config
+        self.num_parameters = sum(p.numel() for p in model.parameters())
+        self.scale_of_group = list(model.scale_of_group)
+        self.groups_per_scale = list(model.groups_per_scale)
+        self.num_scales = model.num_scales
+        self.latent_shapes = model.latent_shapes()
+        self.scale_labels = [scale_label(s, self.num_scales, cfg.latent_shape(s)[1]) for s in range(self.num_scales)]
+        self.zoom = display_zoom(cfg.image_size)
+
+        self.engine: Engine = TorchEngine(model)
+        self.runtime = f"PyTorch {torch.__version__} ({model.device})"
+        self.runtime_note = ""
+        if runtime != "torch":
+            try:
+                export_dir = find_onnx_export(model, self.name, onnx_dir, self.cache, self.digest)
+                self.engine, self.runtime = load_onnx_engine(export_dir, model)
+                logger.info("runtime: %s on %s", self.runtime, export_dir)
+            except Exception as error:
+                if runtime == "onnx":
+                    raise
+                self.runtime_note = f"onnxruntime is not used: {type(error).__name__}: {error}"
+                logger.warning("falling back to PyTorch; %s", self.runtime_note)
+        self.examples, self.examples_source = self._write_examples()
+
+    # ------------------------------------------------------------------ model-space images and latents
+    def noise(self, n: int, seed: int) -> list[np.ndarray]:
+        """Standard-normal prior noise for ``n`` images, one array per group, drawn with NumPy from ``seed`` (the
+        same draw as ``OnnxNVAE.sample_noise``, so a seed gives the same images in both runtimes)."""
+        rng = np.random.default_rng(seed)
+        return [rng.standard_normal((n, *shape), dtype=np.float32) for shape in self.latent_shapes]
+
+    def to_model_space(self, image: Image.Image, invert: bool = False) -> tuple[np.ndarray, str]:
+        """An image of any size and mode as the model's data, (C, S, S) float32, and how it was converted:
+        transparency flattened onto white, converted to grayscale or RGB, optionally inverted, the shorter
+        side resized to S and the centre cropped, then binarised (Bernoulli models) or quantised to the
+        model's bits."""
+        cfg = self.config
+        steps = [f"{image.mode} {image.width}x{image.height}"]
+        if "A" in image.getbands() or "transparency" in image.info:
+            image = Image.alpha_composite(Image.new("RGBA", image.size, "white"), image.convert("RGBA"))
+            steps.append("transparent areas made white")
+        x = image_to_tensor(image, cfg.image_size, cfg.channels).numpy()
+        steps.append("grayscale" if cfg.channels == 1 else "RGB")
+        if invert:
+            x = 1.0 - x
+            steps.append("inverted")
+        steps.append(f"shorter side resized to {cfg.image_size} px, centre {cfg.image_size}x{cfg.image_size} crop")
+        if cfg.output == "bernoulli":
+            x = (x >= 0.5).astype(np.float32)
+            steps.append("binarised at 0.5 (the model is Bernoulli)")
+        elif cfg.num_bits != 8:
+            levels = 2**cfg.num_bits - 1
+            x = np.rint(x * levels).astype(np.float32) / levels
+            steps.append(f"quantised to {cfg.num_bits} bits")
+        return x, " → ".join(steps)
+
+    def read(self, value: Any, invert: bool = False) -> tuple[np.ndarray, str]:
+        """``to_model_space(open_image(value))``."""
+        return self.to_model_space(open_image(value), invert)
+
+    def temperatures(self, temperature: Any, override: bool, scale_temperatures: Sequence[Any]) -> list[float]:
+        """One temperature per group: ``temperature`` everywhere, or with ``override`` the one of its scale."""
+        if not override:
+            return [number(temperature, "The temperature", 0, MAX_TEMPERATURE)] * len(self.scale_of_group)
+        if len(scale_temperatures) != self.num_scales:
+            raise InputError(f"Expected {self.num_scales} per-scale temperatures, got {len(scale_temperatures)}.")
+        per_scale = [number(t, f"The temperature of scale {s}", 0, MAX_TEMPERATURE)
+                     for s, t in enumerate(scale_temperatures)]
+        return [per_scale[s] for s in self.scale_of_group]
+
+    def _write_examples(self) -> tuple[list[str], str]:
+        """Example inputs as PNG files (in the cache): one MNIST test digit of each class for a 28x28 grayscale
+        Bernoulli model, else samples of the model (binarised or quantised like an input)."""
+        cfg = self.config
+        folder = self.cache / "app-examples" / self.digest
+        pictures: list[np.ndarray] = []
+        source = ""
+        if (cfg.image_size, cfg.channels, cfg.output) == (28, 1, "bernoulli"):
+            try:
+                x, y = mnist_arrays(self.cache)["test"]
+                pictures = [x[int(np.flatnonzero(y == digit)[0])] for digit in range(NUM_EXAMPLES)]
+                source = "MNIST test set"
+            except Exception as error:  # no cached copy and no network: samples will do
+                logger.warning("MNIST test images unavailable (%s: %s); using samples as examples",
+                               type(error).__name__, error)
+        if not pictures:
+            temperatures = [DEFAULT_TEMPERATURE] * len(self.scale_of_group)
+            images = self.engine.decode_noise(self.noise(NUM_EXAMPLES, 0), temperatures)
+            pictures = [self.to_model_space(to_pil(image))[0] for image in images]
+            source = f"samples of the model at temperature {DEFAULT_TEMPERATURE}"
+        folder.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for i, picture in enumerate(pictures):
+            path = folder / f"example-{i}.png"
+            to_pil(picture).save(path)
+            paths.append(str(path))
+        return paths, source
+
+    # ------------------------------------------------------------------ Sample
+    def sample(self, temperature: float, count: int, seed: int, override: bool,
+               *scale_temperatures: float) -> tuple[Image.Image, str]:
+        """A grid of ``count`` samples from the prior at the chosen temperature(s)."""
+        count = number(count, "The number of images", 1, MAX_SAMPLES, integer=True)
+        seed = number(seed, "The seed", 0, 2**32 - 1, integer=True)
+        temps = self.temperatures(temperature, override, scale_temperatures)
+        start = time.perf_counter()
+        images = self.engine.decode_noise(self.noise(count, seed), temps)
+        took = elapsed_ms(start)
+        if override:
+            per_scale = ", ".join(f"{temps[self.scale_of_group.index(s)]:g}" for s in range(self.num_scales))
+            how = f"per-scale temperatures {per_scale} (coarsest first)"
+        else:
+            how = f"temperature {temps[0]:g}"
+        grid = image_grid(images, columns=math.ceil(math.sqrt(count)), zoom=self.zoom)
+        return grid, f"{count} samples, {how}, seed {seed}: {took} with {self.runtime}."
+
+    # ------------------------------------------------------------------ Reconstruct
+    def reconstruct(self, image: Any, invert: bool = False) -> tuple[Image.Image, Image.Image, str]:
+        """The uploaded image as the model sees it, its reconstruction and its bits per dimension."""
+        x, conversion = self.read(image, bool(invert))
+        return self._reconstruct(x, conversion)
+
+    def reconstruct_drawing(self, sketch: dict[str, Any] | None, invert: bool = True) -> tuple[Image.Image,
+                                                                                                Image.Image, str]:
+        """``reconstruct`` for a drawing (Gradio's sketchpad value, whose 'composite' is the picture)."""
+        composite = (sketch or {}).get("composite")
+        if composite is None or composite.convert("L").getextrema()[0] == composite.convert("L").getextrema()[1]:
+            raise InputError("The drawing is empty: draw something first.")
+        x, conversion = self.read(composite, bool(invert))
+        return self._reconstruct(x, conversion)
+
+    def _reconstruct(self, x: np.ndarray, conversion: str) -> tuple[Image.Image, Image.Image, str]:
+        start = time.perf_counter()
+        reconstruction = self.engine.decode(self.engine.encode(x[None]))[0]
+        took = elapsed_ms(start)
+        start = time.perf_counter()
+        with torch.random.fork_rng(devices=[]):  # the same estimate for the same image, every time
+            torch.manual_seed(0)
+            bpd = self.model.bits_per_dim(torch.from_numpy(x[None]).to(self.model.device), self.bpd_samples)
+        bpd_took = elapsed_ms(start)
+        message = (f"**{float(bpd[0]):.4f} bits/dim** (importance-weighted estimate of -log2 p(x) per pixel and "
+                   f"channel with K={self.bpd_samples} posterior samples, PyTorch, {bpd_took}). "
+                   f"Reconstruction (decoded posterior means): {took} with {self.runtime}.\n\n"
+                   f"Conversion: {conversion}.")
+        return to_pil(x, self.zoom), to_pil(reconstruction, self.zoom), message
+
+    # ------------------------------------------------------------------ Swap and interpolate
+    def _encode_pair(self, image_a: Any, image_b: Any) -> list[np.ndarray]:
+        """The posterior means of A and B, one array (2, C, H, W) per group."""
+        x_a, _ = self.read(image_a)
+        x_b, _ = self.read(image_b)
+        return self.engine.encode(np.stack([x_a, x_b]))
+
+    def swap(self, image_a: Any, image_b: Any, *choices: str) -> tuple[Image.Image, Image.Image, str]:
+        """A's latents with the scales chosen 'B' taken from B, and the table of all 2^S such combinations."""
+        if len(choices) != self.num_scales or any(c not in ("A", "B") for c in choices):
+            raise InputError(f"Choose A or B for each of the {self.num_scales} scales, got {list(choices)}.")
+        start = time.perf_counter()
+        latents = self._encode_pair(image_a, image_b)
+        combinations = list(itertools.product("AB", repeat=self.num_scales))
+        source = np.array([[combo[s] == "B" for s in self.scale_of_group] for combo in combinations], dtype=int)
+        mixed = [z[source[:, g]] for g, z in enumerate(latents)]  # group g of combination k from A (0) or B (1)
+        images = self.engine.decode(mixed)
+        took = elapsed_ms(start)
+
+        # The table: rows vary the coarser half of the scales, columns the finer half.
+        n_row_scales = self.num_scales // 2
+        n_columns = 2 ** (self.num_scales - n_row_scales)
+        rows = [list(images[r * n_columns:(r + 1) * n_columns]) for r in range(2**n_row_scales)]
+
+        def label(combo: Sequence[str], scales: range) -> str:
+            return "\n".join(f"scale {s}: {combo[i]}" for i, s in enumerate(scales))
+
+        row_scales, column_scales = range(n_row_scales), range(n_row_scales, self.num_scales)
+        row_labels = [label(c, row_scales) for c in itertools.product("AB", repeat=n_row_scales)]
+        column_labels = [label(c, column_scales) for c in itertools.product("AB", repeat=len(column_scales))]
+        table = labelled_grid(rows, row_labels if n_row_scales else None, column_labels, zoom=self.zoom)
+        chosen = images[combinations.index(tuple(choices))]
+        from_b = [s for s, c in enumerate(choices) if c == "B"]
+        what = f"scale{'s' if len(from_b) > 1 else ''} {', '.join(map(str, from_b))} from B" if from_b else "all from A"
+        message = (f"Result: A's latents with {what}. Table: all {len(combinations)} combinations (scale 0 is the "
+                   f"coarsest); 'A' everywhere reconstructs A, 'B' everywhere reconstructs B. {took} with "
+                   f"{self.runtime}.")
+        return to_pil(chosen, self.zoom), table, message
+
+    def interpolate(self, image_a: Any, image_b: Any, steps: int) -> tuple[Image.Image, str]:
+        """Decoded linear interpolations between the latents (posterior means) of A and B."""
+        steps = number(steps, "The number of steps", 3, 12, integer=True)
+        start = time.perf_counter()
+        latents = self._encode_pair(image_a, image_b)
+        t = np.linspace(0.0, 1.0, steps, dtype=np.float32)[:, None, None, None]
+        images = self.engine.decode([(1 - t) * z[0] + t * z[1] for z in latents])
+        took = elapsed_ms(start)
+        labels = [f"t={float(v):.2f}" for v in t.ravel()]
+        labels[0], labels[-1] = "A", "B"
+        strip = labelled_grid([list(images)], column_labels=labels, zoom=self.zoom)
+        return strip, f"{steps} steps from A to B, every group interpolated linearly: {took} with {self.runtime}."
+
+    # ------------------------------------------------------------------ Explore scales
+    def explore(self, temperature: float, seed: int, variations: int) -> tuple[Image.Image, str]:
+        """One sample, then per scale a row where only that scale's noise is drawn afresh."""
+        temps = self.temperatures(temperature, False, ())
+        seed = number(seed, "The seed", 0, 2**32 - 1, integer=True)
+        variations = number(variations, "The number of variations", 1, 12, integer=True)
+        start = time.perf_counter()
+        base = self.noise(1, seed)
+        fresh = self.noise(variations, seed + 1)
+        noise = []
+        for g, scale in enumerate(self.scale_of_group):
+            kept = np.repeat(base[g], variations, axis=0)
+            rows = [fresh[g] if s == scale else kept for s in range(self.num_scales)]
+            noise.append(np.concatenate([base[g], *rows]))  # the sample, then one block of rows per scale
+        images = self.engine.decode_noise(noise, temps)
+        took = elapsed_ms(start)
+        rows = [[images[0], *images[1 + s * variations:1 + (s + 1) * variations]] for s in range(self.num_scales)]
+        labels = [f"{label}\nresampled" for label in self.scale_labels]
+        columns = ["sample", *(f"new {i + 1}" for i in range(variations))]
+        grid = labelled_grid(rows, labels, columns, zoom=self.zoom)
+        return grid, (f"Each row keeps the sample's noise except at one scale, where it is drawn {variations} times "
+                      f"afresh: what changes is what that scale controls. Temperature {temps[0]:g}, seed {seed}: "
+                      f"{took} with {self.runtime}.")
+
+    # ------------------------------------------------------------------ the page's header
+    def describe(self) -> str:
+        """Markdown about the model and the runtime."""
+        cfg = self.config
+        kind = "grayscale" if cfg.channels == 1 else "RGB"
+        output = "Bernoulli" if cfg.output == "bernoulli" else f"{cfg.num_bits}-bit logistic-mixture"
+        groups = ", ".join(f"{n} group{'s' if n > 1 else ''} at {cfg.latent_shape(s)[1]}x{cfg.latent_shape(s)[2]}"
+                           for s, n in enumerate(self.groups_per_scale))
+        note = f" ({self.runtime_note})" if self.runtime_note else ""
+        preset = "custom config" if cfg.name == "custom" else f"preset {cfg.name}"
+        return (f"**Model** `{self.name}` ({preset}, {self.num_parameters / 1e6:.2f}M parameters): "
+                f"{cfg.image_size}x{cfg.image_size} {kind} images, {output} output, {self.num_scales} latent "
+                f"scales with {groups} (coarsest first).  \n"
+                f"**Runtime**: {self.runtime}{note}; bits/dim with PyTorch.")
+
+
+# ====================================================================== the page
+def build_app(model_name_or_path: str, onnx_dir: str | os.PathLike | None = None, *, runtime: str = "auto",
+              cache_dir: str | os.PathLike | None = None, bpd_samples: int = BPD_SAMPLES) -> gr.Blocks:
+    """Load the model (see ``Explorer``) and lay out the page: tabs Sample, Reconstruct, Swap scales and
+    Explore scales. Every button has an ``api_name`` so that ``gradio_client`` can call it too."""
+    ex = Explorer(model_name_or_path, onnx_dir, runtime=runtime, cache_dir=cache_dir, bpd_samples=bpd_samples)
+    png = {"format": "png", "type": "pil", "interactive": False, "buttons": ["download", "fullscreen"]}
+    single = {**png, "elem_classes": "pixelated", "height": 220}  # one image, not a grid
+
+    def upload(label: str, elem_id: str, value: str | None = None) -> gr.Image:
+        # type="filepath" with preprocess=False below: the handlers decode files themselves, to explain problems
+        return gr.Image(value=value, label=label, type="filepath", image_mode=None, sources=["upload", "clipboard"],
+                        elem_id=elem_id, elem_classes="pixelated", height=220)
+
+    def scale_temperature_sliders() -> list[gr.Slider]:
+        return [gr.Slider(0, MAX_TEMPERATURE, value=DEFAULT_TEMPERATURE, step=0.05,
+                          label=f"{label}, {n} group{'s' if n > 1 else ''}")
+                for label, n in zip(ex.scale_labels, ex.groups_per_scale, strict=True)]
+
+    with gr.Blocks(title=f"NVAE explorer: {ex.name}", analytics_enabled=False) as demo:
+        gr.Markdown(f"# NVAE explorer\nA deep hierarchical VAE ([Vahdat & Kautz, NeurIPS 2020]"
+                    f"(https://arxiv.org/abs/2007.03898)): its latents form groups at several spatial scales, "
+                    f"from coarse (global structure) to fine (details).\n\n{ex.describe()}")
+        with gr.Tabs():
+            with gr.Tab("Sample", id="sample"), gr.Row():
+                with gr.Column(scale=1):
+                    temperature = gr.Slider(0, MAX_TEMPERATURE, value=DEFAULT_TEMPERATURE, step=0.05,
+                                            label="Temperature", info="scales the prior's standard deviation")
+                    count = gr.Slider(1, MAX_SAMPLES, value=16, step=1, label="Number of images")
+                    seed = gr.Number(value=0, precision=0, minimum=0, label="Seed")
+                    with gr.Accordion("Per-scale temperatures", open=False):
+                        override = gr.Checkbox(label="Use these instead of the temperature above")
+                        scale_temperatures = scale_temperature_sliders()
+                    sample_button = gr.Button("Sample", variant="primary")
+                with gr.Column(scale=2):
+                    samples = gr.Image(label="Samples", elem_id="sample-output", **png)
+                    sample_info = gr.Markdown()
+
+            with gr.Tab("Reconstruct", id="reconstruct"), gr.Row():
+                with gr.Column(scale=1):
+                    with gr.Tab("Upload"):
+                        image = upload("Image (any size or mode)", "reconstruct-input", ex.examples[0])
+                        invert = gr.Checkbox(label="Invert colours first (for dark strokes on a light background)")
+                        reconstruct_button = gr.Button("Reconstruct", variant="primary")
+                        gr.Examples([[p] for p in ex.examples], inputs=[image], label=f"Examples: {ex.examples_source}")
+                    with gr.Tab("Draw"):
+                        gr.Markdown("Pick the brush left of the canvas, draw, then reconstruct.")
+                        sketch = gr.Sketchpad(type="pil", image_mode="L", canvas_size=(280, 280), fixed_canvas=True,
+                                              brush=gr.Brush(default_size=22, colors=["#000000"],
+                                                             default_color="#000000"),
+                                              label="Draw", elem_id="sketch-input")
+                        invert_sketch = gr.Checkbox(value=ex.config.channels == 1,
+                                                    label="Invert colours first (light strokes on dark, like MNIST)")
+                        sketch_button = gr.Button("Reconstruct drawing", variant="primary")
+                with gr.Column(scale=1):
+                    with gr.Row():
+                        converted = gr.Image(label="Converted input (what the model sees)", elem_id="converted",
+                                             **single)
+                        reconstruction = gr.Image(label="Reconstruction", elem_id="reconstruction", **single)
+                    reconstruct_info = gr.Markdown()
+
+            with gr.Tab("Swap scales", id="swap"):
+                gr.Markdown("Encode A and B, then decode A's latents with some scales taken from B: the coarse "
+                            "scales carry global structure, the fine ones details (the paper's variable control).")
+                with gr.Row():
+                    with gr.Column(scale=1):
+                        image_a = upload("Image A", "swap-a", ex.examples[0])
+                        gr.Examples([[p] for p in ex.examples], inputs=[image_a], label="Examples for A")
+                    with gr.Column(scale=1):
+                        image_b = upload("Image B", "swap-b", ex.examples[1 % len(ex.examples)])
+                        gr.Examples([[p] for p in ex.examples], inputs=[image_b], label="Examples for B")
+                    with gr.Column(scale=1):
+                        choices = [gr.Radio(["A", "B"], value="B" if s == 0 else "A", label=label)
+                                   for s, label in enumerate(ex.scale_labels)]
+                        swap_button = gr.Button("Swap", variant="primary")
+                        swapped = gr.Image(label="Result", elem_id="swap-result", **single)
+                with gr.Row():
+                    swap_table = gr.Image(label="All combinations (which image each scale comes from)",
+                                          elem_id="swap-table", **png)
+                swap_info = gr.Markdown()
+                with gr.Row():
+                    steps = gr.Slider(3, 12, value=8, step=1, label="Interpolation steps", scale=1)
+                    interpolate_button = gr.Button("Interpolate A → B", scale=1)
+                interpolation = gr.Image(label="Interpolation of the latents", elem_id="interpolation", **png)
+                interpolate_info = gr.Markdown()
+
+            with gr.Tab("Explore scales", id="explore"), gr.Row():
+                with gr.Column(scale=1):
+                    gr.Markdown("Draw one sample, then redraw the noise of one scale at a time, keeping the "
+                                "others: each row shows what that scale controls.")
+                    explore_temperature = gr.Slider(0, MAX_TEMPERATURE, value=DEFAULT_TEMPERATURE, step=0.05,
+                                                    label="Temperature")
+                    explore_seed = gr.Number(value=0, precision=0, minimum=0, label="Seed")
+                    variations = gr.Slider(1, 12, value=6, step=1, label="Variations per scale")
+                    explore_button = gr.Button("Explore", variant="primary")
+                with gr.Column(scale=3):
+                    explored = gr.Image(label="Rows: one scale resampled", elem_id="explore-output", **png)
+                    explore_info = gr.Markdown()
+
+        sample_button.click(ex.sample, [temperature, count, seed, override, *scale_temperatures],
+                            [samples, sample_info], api_name="sample")
+        # preprocess=False: the handlers get the uploaded files' paths and decode them with clear errors.
+        reconstruct_button.click(ex.reconstruct, [image, invert], [converted, reconstruction, reconstruct_info],
+                                 api_name="reconstruct", preprocess=False)
+        sketch_button.click(ex.reconstruct_drawing, [sketch, invert_sketch],
+                            [converted, reconstruction, reconstruct_info], api_name="reconstruct_drawing")
+        swap_button.click(ex.swap, [image_a, image_b, *choices], [swapped, swap_table, swap_info],
+                          api_name="swap", preprocess=False)
+        interpolate_button.click(ex.interpolate, [image_a, image_b, steps], [interpolation, interpolate_info],
+                                 api_name="interpolate", preprocess=False)
+        explore_button.click(ex.explore, [explore_temperature, explore_seed, variations], [explored, explore_info],
+                             api_name="explore")
+    # A burst of visitors waits in line: two requests run at a time, 32 more may queue.
+    demo.queue(default_concurrency_limit=2, max_size=32)
+    return demo
+
+
+def launch(demo: gr.Blocks, host: str | None = None, port: int | None = None, share: bool = False,
+           block: bool = True) -> None:
+    """Serve ``demo`` with the app's upload limit and CSS; ``block=False`` returns once the server runs (for
+    tests)."""
+    demo.launch(server_name=host, server_port=port, share=share, max_file_size=MAX_FILE_SIZE, css=CSS,
+                prevent_thread_lock=not block)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command line; defaults come from NVAE_MODEL, GRADIO_SERVER_NAME and GRADIO_SERVER_PORT when set (as
+    on a Hugging Face Space)."""
+    parser = argparse.ArgumentParser(description="Explore a pretrained NVAE in the browser.")
+    parser.add_argument("--model", default=os.environ.get("NVAE_MODEL") or DEFAULT_MODEL,
+                        help=f"a model folder, bundled model name or Hub repo id (default: $NVAE_MODEL or "
+                             f"{DEFAULT_MODEL})")
+    parser.add_argument("--onnx-dir", default=None,
+                        help="an existing ONNX export of the model (default: <model folder>/onnx, else export once "
+                             "into the cache)")
+    parser.add_argument("--runtime", choices=RUNTIMES, default="auto",
+                        help="auto: onnxruntime when possible, else PyTorch (default)")
+    parser.add_argument("--cache-dir", default=None, help="for the ONNX export (default: $NVAE_HUB_CACHE or "
+                                                          "~/.cache/nvae_hub)")
+    parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME") or "127.0.0.1")
+    parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT") or 7860))
+    parser.add_argument("--share", action="store_true", help="also serve through a public gradio.live link")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Parse the command line, load the model and serve the app until interrupted."""
+    args = parse_args(argv)
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    demo = build_app(args.model, args.onnx_dir, runtime=args.runtime, cache_dir=args.cache_dir)
+    launch(demo, args.host, args.port, args.share)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,99 @@
+"""The app in a real browser: Debian's chromium (/usr/bin/chromium) driven by Playwright, offline.
+
+Samples, reconstructs an uploaded image, draws and reconstructs the drawing, swaps scales and explores scales,
+checking each time that the output image appears; screenshots go to the test's tmp_path. `make test` installs
+chromium first (`make browser`); without it these tests fail rather than skip.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from PIL import Image, ImageDraw
+from playwright.sync_api import sync_playwright
+from test_app import shared_cache, start_app
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+TIMEOUT_MS = 20_000  # per step; the shared 2-core machine is sometimes slow
+
+@pytest.fixture(scope="module")
+def page(tmp_path_factory: pytest.TempPathFactory):
+    assert CHROMIUM.is_file(), "the browser test needs Debian's chromium at /usr/bin/chromium (run `make browser`)"
+    demo, url = start_app(shared_cache(tmp_path_factory))
+    try:
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.set_default_timeout(TIMEOUT_MS)
+            page.goto(url)
+            yield page
+            browser.close()
+    finally:
+        demo.close()
+
+
+def wait_for_image(page, elem_id: str) -> None:
+    """Wait until the output component ``elem_id`` shows an image served by the app."""
+    image = page.locator(f"#{elem_id} img")
+    image.wait_for(state="visible")
+    assert "/gradio_api/file=" in (image.get_attribute("src") or "")
+
+
+def test_sample(page, tmp_path):
+    assert "NVAE explorer" in page.content() and "onnxruntime" in page.content()
+    page.get_by_role("button", name="Sample", exact=True).click()
+    wait_for_image(page, "sample-output")
+    page.get_by_text("16 samples, temperature 0.7").wait_for()
+    page.screenshot(path=tmp_path / "sample.png", full_page=True)
+
+
+def test_reconstruct_an_upload(page, tmp_path):
+    upload = tmp_path / "upload.png"
+    image = Image.new("RGB", (60, 40), "black")
+    ImageDraw.Draw(image).ellipse((15, 5, 45, 35), outline="white", width=5)
+    image.save(upload)
+    page.get_by_role("tab", name="Reconstruct").click()
+    page.locator("#reconstruct-input button[aria-label='Remove Image']").click()  # the example shown at start
+    page.locator("#reconstruct-input input[type=file]").set_input_files(upload)
+    page.locator("#reconstruct-input img").wait_for()
+    page.get_by_role("button", name="Reconstruct", exact=True).click()
+    wait_for_image(page, "reconstruction")
+    wait_for_image(page, "converted")
+    page.get_by_text("RGB 60x40").wait_for()
+    page.screenshot(path=tmp_path / "reconstruct.png", full_page=True)
+
+
+def test_reconstruct_a_drawing(page, tmp_path):
+    page.get_by_role("tab", name="Reconstruct").click()
+    page.get_by_role("tab", name="Draw").click()
+    page.locator("#sketch-input button[aria-label='Brush']").click()
+    box = page.locator("#sketch-input canvas").first.bounding_box()
+    x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    page.mouse.move(x, y - 100)
+    page.mouse.down()
+    page.mouse.move(x, y + 100, steps=10)
+    page.mouse.up()
+    page.get_by_role("button", name="Reconstruct drawing").click()
+    page.get_by_text("L 280x280").wait_for()  # the drawing's conversion is described
+    wait_for_image(page, "reconstruction")
+    page.screenshot(path=tmp_path / "drawing.png", full_page=True)
+
+
+def test_swap_and_interpolate(page, tmp_path):
+    page.get_by_role("tab", name="Swap scales").click()
+    page.get_by_role("button", name="Swap", exact=True).click()  # A and B start as two examples
+    wait_for_image(page, "swap-result")
+    wait_for_image(page, "swap-table")
+    page.get_by_role("button", name="Interpolate A → B").click()
+    wait_for_image(page, "interpolation")
+    page.screenshot(path=tmp_path / "swap.png", full_page=True)
+
+
+def test_explore_scales(page, tmp_path):
+    page.get_by_role("tab", name="Explore scales").click()
+    page.get_by_role("button", name="Explore", exact=True).click()
+    wait_for_image(page, "explore-output")
+    page.screenshot(path=tmp_path / "explore.png", full_page=True)
