@@ -236,8 +236,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     ),
     # Trainable on a 2-core CPU to recognisable digits in about an hour.
     "mnist-small": dict(
-        **_MNIST, num_channels=16, num_preprocess_blocks=2, num_preprocess_cells=2,
-        num_postprocess_blocks=2, num_postprocess_cells=2, num_scales=2, groups_per_scale=4,
+        **_MNIST, num_channels=12, num_preprocess_blocks=2, num_preprocess_cells=1,
+        num_postprocess_blocks=2, num_postprocess_cells=1, num_scales=2, groups_per_scale=4,
         latent_channels=10, cells_per_group_enc=1, cells_per_group_dec=1,
     ),
     # The paper's configurations (the official code's training commands; normalising flows are not used).

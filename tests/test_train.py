@@ -37,14 +37,6 @@ TINY = ["--preset", "tiny", "--dataset", "synthetic", "--batch-size", "16", "--l
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def read_log(output_dir: Path) -> list[dict]:
     return trainer.read_log(output_dir / "log.jsonl")
 
