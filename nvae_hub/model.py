@@ -358,14 +358,15 @@ class NVAE(
         """Re-estimate BatchNorm statistics on samples at ``temperature`` (the paper's trick for sharper
         low-temperature samples). Leaves the model in eval mode."""
         norms = [m for m in self.modules() if isinstance(m, nn.BatchNorm2d | nn.SyncBatchNorm)]
+        momenta = [bn.momentum for bn in norms]
         for bn in norms:
             bn.reset_running_stats()
             bn.momentum = None  # cumulative average over the batches below
         self.train()
         for i in range(num_batches):
             self.decode_noise(self.sample_noise(batch_size, None if seed is None else seed + i), temperature)
-        for bn in norms:
-            bn.momentum = 0.05
+        for bn, momentum in zip(norms, momenta, strict=True):
+            bn.momentum = momentum
         self.eval()
 
     # ================================================================== encode / decode

@@ -1,0 +1,102 @@
+"""The bundled pretrained MNIST model: it loads, samples recognisable digits of every class, fits the test set
+about as its model card says, and its ONNX export agrees with PyTorch."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from nvae_hub import load_pretrained
+from nvae_hub.data import binarize, mnist_arrays
+from nvae_hub.hub import BUNDLED_MODELS
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_pretrained("mnist")
+
+
+@pytest.fixture(scope="module")
+def mnist():
+    return mnist_arrays()
+
+
+@pytest.fixture(scope="module")
+def digit_classifier(mnist) -> nn.Module:
+    """A small MLP trained for two epochs on the MNIST training images (about 97% test accuracy)."""
+    torch.manual_seed(0)
+    x, y = (torch.from_numpy(a) for a in mnist["train"])
+    x = x.flatten(1)
+    y = y.long()
+    net = nn.Sequential(nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 10))
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
+    for _ in range(2):
+        for idx in torch.randperm(len(x)).split(128):
+            loss = nn.functional.cross_entropy(net(x[idx]), y[idx])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    return net.eval()
+
+
+def test_the_bundled_model_is_listed_small_and_loads_in_eval_mode(model):
+    assert "mnist" in BUNDLED_MODELS
+    folder = BUNDLED_MODELS["mnist"]
+    assert sorted(p.name for p in folder.iterdir() if p.is_file()) == ["README.md", "config.json", "model.safetensors"]
+    assert (folder / "model.safetensors").stat().st_size < 8 * 2**20
+    assert not model.training
+    assert model.config.image_size == 28 and model.config.output == "bernoulli"
+
+
+def test_the_classifier_is_good_enough_to_judge_samples(digit_classifier, mnist):
+    x, y = (torch.from_numpy(a) for a in mnist["test"])
+    with torch.no_grad():
+        accuracy = (digit_classifier(x.flatten(1)).argmax(1) == y).float().mean().item()
+    assert accuracy > 0.95
+
+
+def test_samples_at_temperature_0_7_are_recognisable_digits_of_every_class(model, digit_classifier):
+    samples = model.sample(300, temperature=0.7, seed=0)
+    assert samples.shape == (300, 1, 28, 28)
+    with torch.no_grad():
+        probabilities = digit_classifier(samples.flatten(1)).softmax(1)
+    confident = probabilities.max(1).values > 0.9
+    classes = probabilities.argmax(1)[confident]
+    counts = torch.bincount(classes, minlength=10)
+    assert confident.float().mean() > 0.7, "most samples should look clearly like one digit"
+    assert (counts >= 3).all(), f"every digit should appear among the samples: counts {counts.tolist()}"
+
+
+def test_test_set_nll_agrees_with_the_model_card(model, mnist):
+    card = (BUNDLED_MODELS["mnist"] / "README.md").read_text()
+    reported = float(re.search(r"test_nll_nats\D+?([0-9]+\.[0-9]+)", card).group(1))
+    x = torch.from_numpy(mnist["test"][0][:200])
+    x = binarize(x, torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    nll = model.nll(x, num_samples=20).mean().item()
+    # 200 images and K=20 against the card's 10,000 images and K=100: agree within a few nats.
+    assert abs(nll - reported) < 6, (nll, reported)
+    assert nll < 110
+
+
+def test_onnx_export_of_the_bundled_model_matches_pytorch(model, tmp_path):
+    from test_onnx import assert_onnx_parity
+
+    from nvae_hub.export import export_onnx
+
+    export_onnx(model, tmp_path, source="mnist")
+    assert_onnx_parity(model, tmp_path, batch_sizes=(1, 7))
+
+
+def test_reconstructions_of_test_digits_keep_their_class(model, mnist, digit_classifier):
+    x, y = mnist["test"]
+    x = torch.from_numpy(x[:100]).round()
+    with torch.no_grad():
+        recon = model.reconstruct(x)
+        accuracy = (digit_classifier(recon.flatten(1)).argmax(1) == torch.from_numpy(y[:100]).long()).float().mean()
+    assert accuracy > 0.85
+    assert np.isfinite(recon.numpy()).all()
