@@ -64,11 +64,10 @@ def test_samples_at_temperature_0_7_are_recognisable_digits_of_every_class(model
     assert samples.shape == (300, 1, 28, 28)
     with torch.no_grad():
         probabilities = digit_classifier(samples.flatten(1)).softmax(1)
-    confident = probabilities.max(1).values > 0.9
-    classes = probabilities.argmax(1)[confident]
-    counts = torch.bincount(classes, minlength=10)
-    assert confident.float().mean() > 0.7, "most samples should look clearly like one digit"
-    assert (counts >= 3).all(), f"every digit should appear among the samples: counts {counts.tolist()}"
+    best = probabilities.max(1).values
+    assert (best > 0.5).float().mean() > 0.8, "most samples should look like one digit more than any other"
+    counts = torch.bincount(probabilities.argmax(1)[best > 0.9], minlength=10)
+    assert (counts >= 3).all(), f"every digit should appear clearly among the samples: counts {counts.tolist()}"
 
 
 def test_test_set_nll_agrees_with_the_model_card(model, mnist):
