@@ -248,12 +248,12 @@ class Explorer:
         self.cache = cache_root(cache_dir)
         model = load_pretrained(model_name_or_path, device="cuda" if torch.cuda.is_available() else "cpu")
         self.digest = weights_digest(model)
+        self.num_parameters = sum(p.numel() for p in model.parameters())  # as trained, before folding
         for module in model.modules():  # the app never trains: fold weight normalisation for speed
             if isinstance(module, Conv2d):
                 module.fold_weight_norm()
         self.model = model
         self.config = cfg = model.config
-        self.num_parameters = sum(p.numel() for p in model.parameters())
         self.scale_of_group = list(model.scale_of_group)
         self.groups_per_scale = list(model.groups_per_scale)
         self.num_scales = model.num_scales
