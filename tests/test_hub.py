@@ -278,7 +278,7 @@ def test_the_mixin_push_to_hub_uploads_the_same_files(model, saved, fake_hub):
 def test_the_package_never_unpickles_weights():
     for path in Path(nvae_hub.__file__).parent.glob("*.py"):
         text = path.read_text()
-        assert "torch.load(" not in text and not re.search(r"pickle\.loads?\(", text), path
+        assert "torch." + "load(" not in text and not re.search(r"pickle\.loads?\(", text), path
         assert "allow_pickle=True" not in text, path
         if path.name != "data.py":  # data.py's RestrictedUnpickler rebuilds numpy arrays only
             assert "import pickle" not in text, path

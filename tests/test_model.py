@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import itertools
 import math
 
@@ -315,8 +314,6 @@ def test_state_dict_round_trip_gives_identical_outputs():
     torch.testing.assert_close(clone.sample(2, seed=5), model.sample(2, seed=5), rtol=0, atol=0)
     x = images(model.config)
     torch.testing.assert_close(clone.reconstruct(x), model.reconstruct(x), rtol=0, atol=0)
-    buffer = io.BytesIO()
-    torch.save(model.state_dict(), buffer)  # sanity: the state dict holds only tensors
     assert all(isinstance(v, torch.Tensor) for v in model.state_dict().values())
 
 
