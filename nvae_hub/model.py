@@ -31,8 +31,8 @@ from .weights import CONFIG_NAME, WEIGHTS_NAME, PretrainedLoadError, load_weight
 # Activations are kept channels-last (CHANNELS_LAST): convolutions are faster that way on CPUs (oneDNN) and GPUs.
 CHANNELS_LAST = torch.channels_last
 
-# choose_z(g, decoder_state, prior) -> (z, posterior or None)
-ChooseZ = Callable[[int, Tensor, Normal], tuple[Tensor, Normal | None]]
+# choose_z(g, decoder_state, prior) -> z: how each group's latent is picked in the top-down pass
+ChooseZ = Callable[[int, Tensor, Normal], Tensor]
 
 
 @dataclass
@@ -230,7 +230,7 @@ class NVAE(
                 prior = Normal(zeros, zeros)
             else:
                 prior = Normal(*self.prior_heads[g - 1](s).chunk(2, dim=1))
-            z, _ = choose_z(g, s, prior)
+            z = choose_z(g, s, prior)
             s = self.dec_combiners[g](torch.cat([s, z.to(s.dtype)], dim=1))
             if g + 1 < self.num_groups and self.scale_of_group[g + 1] != self.scale_of_group[g]:
                 s = next(up)(s)
@@ -262,13 +262,13 @@ class NVAE(
         posteriors: list[Normal] = []
         priors: list[Normal] = []
 
-        def choose_z(g: int, s: Tensor, prior: Normal) -> tuple[Tensor, Normal]:
+        def choose_z(g: int, s: Tensor, prior: Normal) -> Tensor:
             q = self._posterior(g, features[g], s, prior)
             z = q.mu if use_mean else q.rsample()
             zs.append(z)
             posteriors.append(q)
             priors.append(prior)
-            return z, q
+            return z
 
         params = self._top_down(x.shape[0] * repeats, choose_z)
         return params, zs, posteriors, priors
@@ -340,8 +340,8 @@ class NVAE(
         """Images from given prior noise: group g's z = mu_p + temperature_g * sigma_p * noise_g."""
         temps = self._temperatures(temperature)
 
-        def choose_z(g: int, s: Tensor, prior: Normal) -> tuple[Tensor, None]:
-            return prior.with_temperature(temps[g]).sample_from(noise[g]), None
+        def choose_z(g: int, s: Tensor, prior: Normal) -> Tensor:
+            return prior.with_temperature(temps[g]).sample_from(noise[g])
 
         return self.likelihood(self._top_down(noise[0].shape[0], choose_z)).mean()
 
@@ -385,7 +385,7 @@ class NVAE(
         for g, (z, shape) in enumerate(zip(zs, shapes, strict=True)):
             if z.dim() != 4 or tuple(z.shape[1:]) != shape or z.shape[0] != zs[0].shape[0]:
                 raise ValueError(f"latent group {g} has shape {tuple(z.shape)}, expected (N, {shape})")
-        return self.likelihood(self._top_down(zs[0].shape[0], lambda g, s, prior: (zs[g], None))).mean()
+        return self.likelihood(self._top_down(zs[0].shape[0], lambda g, s, prior: zs[g])).mean()
 
     def reconstruct(self, x: Tensor) -> Tensor:
         """``decode(encode(x))``."""

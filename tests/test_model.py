@@ -77,7 +77,7 @@ def test_padding_keeps_outputs_at_the_real_size_and_counts_real_pixels_only():
     model = make("tiny", image_size=12, padding=2).eval()
     x = images(model.config)
     assert model.reconstruct(x).shape == x.shape
-    params = model._top_down(4, lambda g, s, prior: (prior.mu, None))
+    params = model._top_down(4, lambda g, s, prior: prior.mu)
     assert params.shape[-2:] == (12, 12)
     bpd = model.bits_per_dim(x, num_samples=2)
     nats = model.nll(x, num_samples=2)
