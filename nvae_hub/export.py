@@ -21,7 +21,6 @@ import onnx
 import torch
 from torch import Tensor, nn
 
-from .layers import Conv2d
 from .model import NVAE
 from .onnx import FORMAT_VERSION, META_FILE
 
@@ -75,9 +74,7 @@ def prepare_for_export(model: NVAE, readjust_bn_temperature: float | None = None
     prepared = copy.deepcopy(model).to("cpu", torch.float32)
     if readjust_bn_temperature is not None:
         prepared.readjust_bn(readjust_bn_temperature, readjust_bn_batches, readjust_bn_batch_size)
-    for module in prepared.modules():
-        if isinstance(module, Conv2d):
-            module.fold_weight_norm()
+    prepared.fold_weight_norm()
     return prepared.eval()
 
 

@@ -28,9 +28,6 @@ from .layers import Cell, Conv2d, batchnorm_loss, spectral_loss
 from .schedules import kl_balance, kl_balance_coefficients
 from .weights import CONFIG_NAME, WEIGHTS_NAME, PretrainedLoadError, load_weights, parse_config, save_weights
 
-# Activations are kept channels-last (CHANNELS_LAST): convolutions are faster that way on CPUs (oneDNN) and GPUs.
-CHANNELS_LAST = torch.channels_last
-
 # choose_z(g, decoder_state, prior) -> z: how each group's latent is picked in the top-down pass
 ChooseZ = Callable[[int, Tensor, Normal], Tensor]
 
@@ -202,7 +199,8 @@ class NVAE(
         encoder has after its group G-1-g). ``x`` is not validated here; the public methods do that."""
         p = self.config.padding
         x = F.pad(x, (p, p, p, p)) if p else x
-        s = self.preprocess(self.stem((2 * x - 1).contiguous(memory_format=CHANNELS_LAST)))
+        # Activations are kept channels-last: convolutions are faster that way on CPUs (oneDNN) and GPUs.
+        s = self.preprocess(self.stem((2 * x - 1).contiguous(memory_format=torch.channels_last)))
         features, down = [], iter(self.enc_down)
         scales_enc_order = self.scale_of_group[::-1]
         for k, cells in enumerate(self.enc_groups):
@@ -221,7 +219,7 @@ class NVAE(
     def _top_down(self, n: int, choose_z: ChooseZ) -> Tensor:
         """Run the decoder for a batch of ``n``; ``choose_z`` picks each group's z. Returns the output
         distribution's parameters, cropped to the real image."""
-        s = self.h0.unsqueeze(0).expand(n, -1, -1, -1).contiguous(memory_format=CHANNELS_LAST)
+        s = self.h0.unsqueeze(0).expand(n, -1, -1, -1).contiguous(memory_format=torch.channels_last)
         up = iter(self.dec_up)
         for g in range(self.num_groups):
             s = self.dec_groups[g](s)
@@ -305,15 +303,25 @@ class NVAE(
         """(spectral, batch-norm) regularisers. In training mode this advances the power iteration.
 
         Call it right after a forward pass (``loss`` does): the spectral term reuses that pass's weights."""
-        convs = [m for m in self.modules() if isinstance(m, Conv2d)]
-        norms = [m for m in self.modules() if isinstance(m, nn.BatchNorm2d | nn.SyncBatchNorm)]
         update = self.training
         iterations = self.config.power_iterations
         if update:
             if int(self.sr_steps) == 0:
                 iterations *= 10
             self.sr_steps += 1
-        return spectral_loss(convs, iterations, update), batchnorm_loss(norms)
+        return spectral_loss(self._convs(), iterations, update), batchnorm_loss(self._batch_norms())
+
+    def _convs(self) -> list[Conv2d]:
+        return [m for m in self.modules() if isinstance(m, Conv2d)]
+
+    def _batch_norms(self) -> list[nn.BatchNorm2d | nn.SyncBatchNorm]:
+        return [m for m in self.modules() if isinstance(m, nn.BatchNorm2d | nn.SyncBatchNorm)]
+
+    def fold_weight_norm(self) -> None:
+        """Replace every weight-normalised convolution's (v, gain) by its plain weight: same outputs, faster
+        inference and export. The folded state dict has no gains, so it no longer matches an unfolded model's."""
+        for conv in self._convs():
+            conv.fold_weight_norm()
 
     # ================================================================== sampling
     def _temperatures(self, temperature: float | Sequence[float] | Tensor) -> list[float | Tensor]:
@@ -357,7 +365,7 @@ class NVAE(
                     seed: int | None = 0) -> None:
         """Re-estimate BatchNorm statistics on samples at ``temperature`` (the paper's trick for sharper
         low-temperature samples). Leaves the model in eval mode."""
-        norms = [m for m in self.modules() if isinstance(m, nn.BatchNorm2d | nn.SyncBatchNorm)]
+        norms = self._batch_norms()
         momenta = [bn.momentum for bn in norms]
         for bn in norms:
             bn.reset_running_stats()

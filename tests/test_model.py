@@ -321,9 +321,7 @@ def test_fold_weight_norm_keeps_outputs():
     model = make("tiny").eval()
     x = images(model.config)
     before = model.reconstruct(x)
-    for module in model.modules():
-        if hasattr(module, "fold_weight_norm"):
-            module.fold_weight_norm()
+    model.fold_weight_norm()
     torch.testing.assert_close(model.reconstruct(x), before, atol=1e-5, rtol=1e-5)
 
 

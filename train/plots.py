@@ -13,25 +13,15 @@ import matplotlib
 import torch
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
-from PIL import Image
 
 from nvae_hub import NVAE
-
-GRID_PAD = 2  # pixels of white between images
+from nvae_hub.visual import labelled_grid
 
 
 def save_image_grid(rows: Sequence[torch.Tensor], path: str | Path) -> None:
     """Save images as a PNG grid, one row per tensor; each tensor is (n, C, H, W) with values in [0, 1]."""
-    rows = [row.detach().float().clamp(0, 1).cpu() for row in rows]
-    n, c, h, w = rows[0].shape
-    grid = torch.ones((c, len(rows) * (h + GRID_PAD) + GRID_PAD, n * (w + GRID_PAD) + GRID_PAD))
-    for r, row in enumerate(rows):
-        for i, image in enumerate(row):
-            top, left = GRID_PAD + r * (h + GRID_PAD), GRID_PAD + i * (w + GRID_PAD)
-            grid[:, top:top + h, left:left + w] = image
-    pixels = (grid * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(pixels[:, :, 0] if c == 1 else pixels).save(path)
+    labelled_grid([row.detach().float().cpu().numpy() for row in rows], gap=2).save(path)
 
 
 @torch.no_grad()
