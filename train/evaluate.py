@@ -11,51 +11,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import sys
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
-from tqdm.auto import tqdm
 
-from nvae_hub import NVAE
-from nvae_hub.data import DATASETS, binarize, build_dataset
+from nvae_hub.data import DATASETS, build_dataset
+from nvae_hub.evaluation import evaluate_nll
 from nvae_hub.hub import load_pretrained
-
-
-@torch.no_grad()
-def evaluate_nll(model: NVAE, dataset: Dataset[torch.Tensor], *, num_samples: int, batch_size: int = 64,
-                 seed: int = 0, limit: int | None = None, progress: bool = True) -> dict[str, Any]:
-    """The importance-weighted NLL of ``model`` on the first ``limit`` images (all if None) of ``dataset``.
-
-    Returns ``num_images``, ``num_samples``, ``seed``, ``nll_nats`` (mean per image), ``nll_nats_stderr``,
-    ``bits_per_dim`` and ``bits_per_dim_stderr``. The model's and PyTorch's random state are left untouched.
-    """
-    if limit is not None:
-        dataset = Subset(dataset, range(min(limit, len(dataset))))
-    cfg = model.config
-    generator = torch.Generator().manual_seed(seed)  # binarisation
-    device = model.device
-    was_training = model.training
-    model.eval()
-    nll = []
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)  # the importance samples
-        for x in tqdm(DataLoader(dataset, batch_size=batch_size), desc="evaluate", disable=not progress,
-                      file=sys.stderr):
-            x = binarize(x, generator) if cfg.output == "bernoulli" else x
-            nll.append(model.nll(x.to(device), num_samples=num_samples).double().cpu())
-    model.train(was_training)
-    values = torch.cat(nll)
-    n = len(values)
-    stderr = values.std().item() / math.sqrt(n) if n > 1 else math.nan
-    to_bits = 1.0 / (cfg.channels * cfg.image_size**2 * math.log(2))
-    return {
-        "num_images": n, "num_samples": num_samples, "seed": seed,
-        "nll_nats": values.mean().item(), "nll_nats_stderr": stderr,
-        "bits_per_dim": values.mean().item() * to_bits, "bits_per_dim_stderr": stderr * to_bits,
-    }
 
 
 def build_parser() -> argparse.ArgumentParser:

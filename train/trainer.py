@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 from nvae_hub import NVAE, NVAEConfig
 from nvae_hub.card import TrainingInfo
 from nvae_hub.data import binarize, build_dataset
+from nvae_hub.evaluation import evaluate_nll
 from nvae_hub.hub import push_to_hub, save_pretrained
 from nvae_hub.schedules import kl_warmup, reg_weight
 
@@ -47,7 +48,6 @@ from nvae_hub.schedules import kl_warmup, reg_weight
 # Modules next to this one: Python puts the folder of the script it runs (train/) first on sys.path.
 import plots
 from checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from evaluate import evaluate_nll
 
 KL_CONSTANT_FRACTION = 1e-4
 """Fraction of training at the start during which the KL weight stays at its minimum (the official code)."""
