@@ -442,6 +442,14 @@ def _check_native_shape(name: str, native: tuple[int, int, int], image_size: int
                          f"image_size={h}")
 
 
+def dataset_labels(name: str, split: str, data_dir: str | Path | None = None) -> np.ndarray | None:
+    """The int64 class labels of ``build_dataset(name, split, ...)``'s images, in the same order, or None for a
+    data set without labels (cifar10's are not read; imagefolder and synthetic have none)."""
+    if name == "mnist":
+        return _mnist_pixels(data_dir)[split][1]
+    return None
+
+
 def build_dataset(name: str, split: str, *, data_dir: str | Path | None, image_size: int, channels: int,
                   seed: int = 0, synthetic_size: int = 512) -> Dataset[torch.Tensor]:
     """The ``split`` of data set ``name``: items are float32 ``(channels, image_size, image_size)`` in [0, 1].

@@ -55,7 +55,7 @@ def bits_per_dim_factor(model: NVAE) -> float:
 
 
 @contextmanager
-def _seeded_eval(model: NVAE, seed: int) -> Iterator[None]:
+def seeded_eval(model: NVAE, seed: int) -> Iterator[None]:
     """Run the body with the model in eval mode and PyTorch's random state forked and seeded with ``seed``."""
     was_training = model.training
     model.eval()
@@ -78,7 +78,7 @@ def evaluate_nll(model: NVAE, dataset: Dataset[torch.Tensor], *, num_samples: in
     ``bits_per_dim`` and ``bits_per_dim_stderr``.
     """
     nll = []
-    with _seeded_eval(model, seed):  # the seed also draws the importance samples
+    with seeded_eval(model, seed):  # the seed also draws the importance samples
         for x in scored_batches(model, dataset, batch_size=batch_size, seed=seed, limit=limit, progress=progress,
                               desc=f"NLL (K={num_samples})"):
             nll.append(model.nll(x, num_samples=num_samples).cpu())
@@ -102,7 +102,7 @@ def reconstruction_metrics(model: NVAE, dataset: Dataset[torch.Tensor], *, batch
     their standard errors (over images), ``neg_elbo_bits_per_dim``, ``num_images`` and ``seed``.
     """
     mse, neg_elbo = [], []
-    with _seeded_eval(model, seed):
+    with seeded_eval(model, seed):
         for x in scored_batches(model, dataset, batch_size=batch_size, seed=seed, limit=limit, progress=progress,
                               desc="reconstruct"):
             mse.append((model.reconstruct(x) - x).square().flatten(1).mean(dim=1).cpu())
