@@ -179,14 +179,22 @@ def test_three_channel_model_on_one_channel_data_is_refused(mnist_dir, tmp_path,
     assert not out.exists()
 
 
+def test_latent_map_needs_labels(model_dirs, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert analyse("latent-map", "--model", model_dirs["tiny"], "--dataset", "synthetic", "--output-dir", out,
+                   "--quick") == 2
+    assert "needs class labels" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_all_skips_what_the_inputs_do_not_allow_and_says_so(model_dirs, tmp_path, capsys):
     out = tmp_path / "out"
     assert analyse("all", "--model", model_dirs["tiny"], "--dataset", "synthetic", "--output-dir", out,
                    "--quick", "--num-images", "6") == 0
     err = capsys.readouterr().err
-    assert "skipping curves" in err
-    assert not (out / "curves.json").exists()
-    assert (out / "kl.json").exists() and (out / "temperature.json").exists()
+    assert "skipping curves" in err and "skipping latent-map" in err
+    assert not (out / "curves.json").exists() and not (out / "latent-map.json").exists()
+    assert (out / "kl.json").exists() and (out / "control.json").exists()
 
 
 def test_missing_model_is_a_clear_error(tmp_path, capsys):

@@ -41,7 +41,9 @@ ITEMS: dict[str, Item] = {item.name: item for item in [
     Item("curves", "reconstruction loss, KL and total loss against step, and the KL of each group (--run DIR)"),
     Item("recon", "test images above their reconstructions; test MSE, negative ELBO and importance-weighted NLL"),
     Item("samples", "random samples at temperatures 1.0-0.4, with and without BatchNorm re-estimation"),
+    Item("latent-map", "t-SNE of the posterior means by class, and k-NN class accuracy per scale vs. pixels"),
     Item("kl", "KL of every group and channel on the test set, and active units by two rules"),
+    Item("control", "which scale carries which property: transfer matrix T[scale, property] from latent swaps"),
     Item("temperature", "samples from the same noise with the temperature of one scale changed at a time"),
 ]}
 """Every analysis, in the order ``all`` runs them and ``report.md`` shows them."""
