@@ -240,6 +240,12 @@ PRESETS: dict[str, dict[str, Any]] = {
         num_postprocess_blocks=2, num_postprocess_cells=1, num_scales=2, groups_per_scale=4,
         latent_channels=10, cells_per_group_enc=1, cells_per_group_dec=1,
     ),
+    # mnist-small's network with an 8-bit discretised logistic mixture, for grey-level images (Fashion-MNIST).
+    "fashion-mnist-small": dict(
+        image_size=28, channels=1, padding=2, output="logistic_mixture", num_mixtures=10, num_channels=12,
+        num_preprocess_blocks=2, num_preprocess_cells=1, num_postprocess_blocks=2, num_postprocess_cells=1,
+        num_scales=2, groups_per_scale=4, latent_channels=10, cells_per_group_enc=1, cells_per_group_dec=1,
+    ),
     # The paper's configurations (the official code's training commands; normalising flows are not used).
     "mnist": dict(
         **_MNIST, num_channels=32, num_preprocess_blocks=2, num_preprocess_cells=3, num_postprocess_blocks=2,

