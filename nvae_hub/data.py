@@ -36,7 +36,9 @@ from numpy._core.numeric import _frombuffer
 from PIL import Image
 from torch.utils.data import Dataset
 
-DATASETS = ("mnist", "fashion-mnist", "cifar10", "imagefolder", "synthetic")
+from . import sprites
+
+DATASETS = ("mnist", "fashion-mnist", "cifar10", "imagefolder", "synthetic", "sprites", "sprites32")
 SPLITS = ("train", "test")
 MNIST_SPLITS = ("train", "valid", "test")
 
@@ -607,6 +609,9 @@ def build_dataset(name: str, split: str, *, data_dir: str | Path | None, image_s
       holds out 5% (at least one image) as "test", chosen by ``seed``. For CelebA point ``data_dir`` at the
       ``img_align_celeba`` folder. Files are decoded when an item is read; an undecodable one raises
       ``CorruptImageError`` naming it.
+    - "sprites" (1x64x64) and "sprites32" (1x32x32): binary images of shapes with known generative factors
+      (``nvae_hub.sprites``), rendered when read; "train" 727,280 images, "test" 10,000; the data set's
+      ``factors`` attribute holds every image's factor indices.
     - "synthetic": ``synthetic_size`` in-memory images of discs and squares (``synthetic_images``), any size
       and channel count, binary for one channel; fixed by ``seed``, with different images for each split.
 
@@ -636,5 +641,8 @@ def build_dataset(name: str, split: str, *, data_dir: str | Path | None, image_s
         if data_dir is None:
             raise ValueError("imagefolder needs data_dir, the folder of images")
         return ImageFolderDataset(_image_folder_paths(Path(data_dir), split, seed), image_size, channels)
+    if name in sprites.IMAGE_SIZES:
+        _check_native_shape(name, (1, sprites.IMAGE_SIZES[name], sprites.IMAGE_SIZES[name]), image_size, channels)
+        return sprites.sprites_dataset(name, split)
     images = synthetic_images(synthetic_size, image_size, channels, seed=(seed, splits.index(split)))
     return ImageTensorDataset(images)
