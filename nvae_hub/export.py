@@ -69,8 +69,9 @@ class _Encoder(nn.Module):
 
 def prepare_for_export(model: NVAE, readjust_bn_temperature: float | None = None, readjust_bn_batches: int = 20,
                        readjust_bn_batch_size: int = 64) -> NVAE:
-    """A copy of ``model`` ready to export: CPU, float32, BatchNorm statistics optionally re-estimated at
-    ``readjust_bn_temperature``, weight normalisation folded, eval mode. ``model`` itself is not changed."""
+    """A copy of ``model`` ready to export: CPU, float32, the decoder's BatchNorm statistics optionally re-estimated
+    for sampling at ``readjust_bn_temperature``, weight normalisation folded, eval mode. ``model`` itself is not
+    changed."""
     prepared = copy.deepcopy(model).to("cpu", torch.float32)
     if readjust_bn_temperature is not None:
         prepared.readjust_bn(readjust_bn_temperature, readjust_bn_batches, readjust_bn_batch_size)
@@ -136,9 +137,9 @@ def export_onnx(model: NVAE, output_dir: str | os.PathLike, *, source: str | Non
     """Write ``decoder.onnx``, ``decode_latents.onnx``, ``encoder.onnx`` and ``nvae_onnx.json`` to ``output_dir``.
 
     ``source`` (the model's name or path) is recorded in the JSON. ``opset`` defaults to the exporter's.
-    With ``readjust_bn_temperature`` the BatchNorm statistics of the exported copy are first re-estimated on
-    ``readjust_bn_batches`` batches of ``readjust_bn_batch_size`` samples at that temperature. ``model`` is
-    not changed. Returns the JSON's content.
+    With ``readjust_bn_temperature`` the decoder's BatchNorm statistics are first re-estimated on
+    ``readjust_bn_batches`` batches of ``readjust_bn_batch_size`` samples at that temperature, for the sampling
+    graph only (``NVAE.readjust_bn``). ``model`` is not changed. Returns the JSON's content.
     """
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -151,9 +152,13 @@ def export_onnx(model: NVAE, output_dir: str | os.PathLike, *, source: str | Non
     z_names = [f"z_{g}" for g in range(num_groups)]
     x = torch.full((EXAMPLE_BATCH, cfg.channels, cfg.image_size, cfg.image_size), 0.5)
 
+    # The sampling graph decodes with the BatchNorm statistics re-estimated for sampling (if any); the graphs
+    # that start from data keep the learned ones, as NVAE.decode_noise and NVAE.encode/decode do.
+    sampler = copy.deepcopy(prepared)
+    sampler.bake_readjusted_bn()
     with torch.no_grad():
         graphs = {
-            "decoder": _export_graph(_NoiseDecoder(prepared), (torch.ones(num_groups), *noise), out / DECODER_FILE,
+            "decoder": _export_graph(_NoiseDecoder(sampler), (torch.ones(num_groups), *noise), out / DECODER_FILE,
                                      ["temperature", *noise_names], ["images"], ({}, per_group), opset),
             "decode_latents": _export_graph(_LatentDecoder(prepared), tuple(noise), out / DECODE_LATENTS_FILE,
                                             z_names, ["images"], (per_group,), opset),

@@ -10,8 +10,10 @@ the decoder state. ``_top_down`` is the one loop that every public method drives
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,13 +25,35 @@ from torch import Tensor, nn
 
 from .card import CARD_NAME, LIBRARY_NAME, LICENSE, PAPER_URL, PIPELINE_TAG, TAGS, TrainingInfo, model_card
 from .config import CHANNEL_MULT, NVAEConfig
-from .distributions import Bernoulli, DiscretizedLogisticMixture, Normal
+from .distributions import Bernoulli, DiscretizedLogisticMixture, Normal, reduce_bits
 from .layers import Cell, Conv2d, batchnorm_loss, spectral_loss
 from .schedules import kl_balance, kl_balance_coefficients
 from .weights import CONFIG_NAME, WEIGHTS_NAME, PretrainedLoadError, load_weights, parse_config, save_weights
 
 # choose_z(g, decoder_state, prior) -> z: how each group's latent is picked in the top-down pass
 ChooseZ = Callable[[int, Tensor, Normal], Tensor]
+
+# Names of the (unsaved) buffers in which a decoder BatchNorm layer keeps the statistics of ``NVAE.readjust_bn``.
+READJUSTED_MEAN, READJUSTED_VAR = "readjusted_mean", "readjusted_var"
+
+
+def in_eval_mode(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Run an inference method with every layer in eval mode (BatchNorm uses, and leaves alone, its running
+    statistics), then give each layer back the mode the caller had set."""
+
+    @functools.wraps(method)
+    def run_in_eval_mode(self: NVAE, *args: Any, **kwargs: Any) -> Any:
+        modes = [(module, module.training) for module in self.modules() if module.training]
+        if not modes:  # already in eval mode (also the case while exporting): nothing to switch
+            return method(self, *args, **kwargs)
+        self.eval()
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            for module, training in modes:
+                module.training = training
+
+    return run_in_eval_mode
 
 
 @dataclass
@@ -197,7 +221,10 @@ class NVAE(
     def _bottom_up(self, x: Tensor) -> list[Tensor]:
         """Encoder features, one per group in decoder order (group g pairs with the feature that the
         encoder has after its group G-1-g). ``x`` is not validated here; the public methods do that."""
-        p = self.config.padding
+        cfg = self.config
+        if cfg.output == "logistic_mixture":
+            x = reduce_bits(x, cfg.num_bits)  # the encoder sees the data at the bit depth that is modelled
+        p = cfg.padding
         x = F.pad(x, (p, p, p, p)) if p else x
         # Activations are kept channels-last: convolutions are faster that way on CPUs (oneDNN) and GPUs.
         s = self.preprocess(self.stem((2 * x - 1).contiguous(memory_format=torch.channels_last)))
@@ -344,46 +371,119 @@ class NVAE(
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         return [torch.randn((n, *shape), generator=generator).to(self.device) for shape in self.latent_shapes()]
 
+    @in_eval_mode
     def decode_noise(self, noise: Sequence[Tensor], temperature: float | Sequence[float] | Tensor = 1.0) -> Tensor:
-        """Images from given prior noise: group g's z = mu_p + temperature_g * sigma_p * noise_g."""
+        """Images from given prior noise: group g's z = mu_p + temperature_g * sigma_p * noise_g. Uses the
+        BatchNorm statistics that ``readjust_bn`` re-estimated, if any."""
         temps = self._temperatures(temperature)
+        with self._readjusted_bn_statistics():
+            return self._decode_noise(noise, temps)
 
+    def _decode_noise(self, noise: Sequence[Tensor], temps: list[float | Tensor]) -> Tensor:
         def choose_z(g: int, s: Tensor, prior: Normal) -> Tensor:
             return prior.with_temperature(temps[g]).sample_from(noise[g])
 
         return self.likelihood(self._top_down(noise[0].shape[0], choose_z)).mean()
 
     @torch.no_grad()
+    @in_eval_mode
     def sample(self, n: int, temperature: float | Sequence[float] = 1.0, seed: int | None = None) -> Tensor:
         """``n`` images (n, C, H, W) in [0, 1] from the prior, with sigma scaled by ``temperature`` (one value,
         or one per group). The same seed gives the same images. The pixels are the output distribution's
         mean (Bernoulli probabilities / logistic-mixture means)."""
         return self.decode_noise(self.sample_noise(n, seed), temperature)
 
+    def _decoder_batch_norms(self) -> list[nn.BatchNorm2d | nn.SyncBatchNorm]:
+        """The BatchNorm layers that sampling runs: those of the top-down pass, not the encoder's."""
+        decoder = [self.dec_groups, self.dec_up, self.prior_heads, self.dec_combiners, self.postprocess, self.head]
+        return [m for part in decoder for m in part.modules() if isinstance(m, nn.BatchNorm2d | nn.SyncBatchNorm)]
+
     @torch.no_grad()
     def readjust_bn(self, temperature: float = 1.0, num_batches: int = 20, batch_size: int = 64,
                     seed: int | None = 0) -> None:
-        """Re-estimate BatchNorm statistics on samples at ``temperature`` (the paper's trick for sharper
-        low-temperature samples). Leaves the model in eval mode."""
-        norms = self._batch_norms()
-        momenta = [bn.momentum for bn in norms]
-        for bn in norms:
-            bn.reset_running_stats()
-            bn.momentum = None  # cumulative average over the batches below
-        self.train()
-        for i in range(num_batches):
-            self.decode_noise(self.sample_noise(batch_size, None if seed is None else seed + i), temperature)
-        for bn, momentum in zip(norms, momenta, strict=True):
-            bn.momentum = momentum
+        """Re-estimate, for sampling, the statistics of the BatchNorm layers that sampling runs (the decoder's), on
+        ``num_batches`` batches of samples at ``temperature``: the paper's trick for sharper samples at low
+        temperature. Leaves the model in eval mode.
+
+        The re-estimated statistics are kept beside the learned ones and used by ``sample`` and ``decode_noise``
+        only. Everything that starts from data (``encode``, ``decode``, ``reconstruct``, ``swap``, ``nll``,
+        ``loss``) keeps the statistics learned in training, so it gives exactly the results it gave before. The
+        re-estimated statistics are not part of the saved weights; ``forget_readjusted_bn`` drops them.
+        """
+        temps = self._temperatures(temperature)
+        norms = self._decoder_batch_norms()
+        learned = [(bn.running_mean.clone(), bn.running_var.clone(), bn.num_batches_tracked.clone(), bn.momentum)
+                   for bn in norms]
         self.eval()
+        try:
+            for bn in norms:
+                bn.reset_running_stats()
+                bn.momentum = None  # a cumulative average over the batches below
+                bn.train()
+            for i in range(num_batches):
+                self._decode_noise(self.sample_noise(batch_size, None if seed is None else seed + i), temps)
+            for bn in norms:
+                bn.register_buffer(READJUSTED_MEAN, bn.running_mean.clone(), persistent=False)
+                bn.register_buffer(READJUSTED_VAR, bn.running_var.clone(), persistent=False)
+        finally:
+            for bn, (mean, var, count, momentum) in zip(norms, learned, strict=True):
+                bn.running_mean.copy_(mean)
+                bn.running_var.copy_(var)
+                bn.num_batches_tracked.copy_(count)
+                bn.momentum = momentum
+            self.eval()
+
+    @property
+    def has_readjusted_bn(self) -> bool:
+        """Whether ``readjust_bn`` has given sampling its own BatchNorm statistics."""
+        return any(hasattr(bn, READJUSTED_MEAN) for bn in self._decoder_batch_norms())
+
+    def forget_readjusted_bn(self) -> None:
+        """Drop the statistics of ``readjust_bn``: sampling uses the learned ones again."""
+        for bn in self._decoder_batch_norms():
+            for name in (READJUSTED_MEAN, READJUSTED_VAR):
+                if hasattr(bn, name):
+                    delattr(bn, name)
+
+    @torch.no_grad()
+    def bake_readjusted_bn(self) -> None:
+        """Make the statistics of ``readjust_bn`` the decoder's statistics for every method, and forget the learned
+        ones: for a copy that will only sample, such as the exported sampling graph."""
+        for bn in self._decoder_batch_norms():
+            if hasattr(bn, READJUSTED_MEAN):
+                bn.running_mean.copy_(getattr(bn, READJUSTED_MEAN))
+                bn.running_var.copy_(getattr(bn, READJUSTED_VAR))
+        self.forget_readjusted_bn()
+
+    @contextlib.contextmanager
+    def _readjusted_bn_statistics(self) -> Iterator[None]:
+        """Within the block, the decoder's BatchNorm layers use the statistics of ``readjust_bn`` (if any)."""
+        swapped = [bn for bn in self._decoder_batch_norms() if hasattr(bn, READJUSTED_MEAN)]
+        if not swapped:
+            yield
+            return
+        learned = [(bn.running_mean.clone(), bn.running_var.clone()) for bn in swapped]
+        with torch.no_grad():
+            for bn in swapped:
+                bn.running_mean.copy_(getattr(bn, READJUSTED_MEAN))
+                bn.running_var.copy_(getattr(bn, READJUSTED_VAR))
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for bn, (mean, var) in zip(swapped, learned, strict=True):
+                    bn.running_mean.copy_(mean)
+                    bn.running_var.copy_(var)
 
     # ================================================================== encode / decode
+    @in_eval_mode
     def encode(self, x: Tensor, sample: bool = False) -> Latents:
         """The latents of ``x``: posterior means (or samples), one tensor per group, coarsest scale first."""
         self._check_images(x)
         _, zs, _, _ = self._posterior_pass(x, use_mean=not sample)
         return Latents(zs, list(self.scale_of_group))
 
+    @in_eval_mode
     def decode(self, latents: Latents | Sequence[Tensor]) -> Tensor:
         """Images in [0, 1] decoded from one latent tensor per group."""
         zs = latents.z if isinstance(latents, Latents) else list(latents)
@@ -407,6 +507,7 @@ class NVAE(
 
     # ================================================================== evaluation
     @torch.no_grad()
+    @in_eval_mode
     def nll(self, x: Tensor, num_samples: int = 100, chunk_size: int = 256) -> Tensor:
         """Importance-weighted estimate of -log p(x) in nats, shape (N,), with ``num_samples`` posterior samples
         (K=1 gives the negative ELBO estimate). Work is done ``chunk_size`` images at a time."""

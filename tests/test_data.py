@@ -136,11 +136,11 @@ def test_mnist_fetch_writes_a_cache_that_the_next_call_uses(tmp_path: Path, monk
     train = np.concatenate([pixels["train"], pixels["valid"]])
     for arrays in (first, second):
         assert [len(arrays[s][0]) for s in ("train", "valid", "test")] == [8, 3, 2]
-        assert np.array_equal(arrays["train"][0], train / np.float32(256))
-        assert np.array_equal(arrays["valid"][0], pixels["valid"] / np.float32(256))
+        assert np.array_equal(arrays["train"][0], train / np.float32(255))
+        assert np.array_equal(arrays["valid"][0], pixels["valid"] / np.float32(255))
         assert arrays["train"][0].dtype == np.float32
     dataset = data.build_dataset("mnist", "test", data_dir=cache, image_size=28, channels=1)
-    assert torch.equal(dataset[1], torch.from_numpy(pixels["test"][1] / np.float32(256)))
+    assert torch.equal(dataset[1], torch.from_numpy(pixels["test"][1] / np.float32(255)))
 
 
 def test_pip_failure_raises_with_pips_stderr(tmp_path: Path, monkeypatch) -> None:
@@ -162,8 +162,10 @@ def test_real_mnist_splits(mnist, monkeypatch) -> None:
         "valid": ((10000, 1, 28, 28), (10000,)),
         "test": ((10000, 1, 28, 28), (10000,)),
     }
+    levels = np.arange(256, dtype=np.float32) / np.float32(255)  # the standard scaling: exactly k/255
     for x, y in mnist.values():
-        assert x.dtype == np.float32 and x.min() >= 0.0 and x.max() <= 1.0 and x.max() > 0.99
+        assert x.dtype == np.float32 and x.min() == 0.0 and x.max() == 1.0
+        assert np.isin(np.unique(x), levels).all()
         assert set(np.unique(y)) == set(range(10))
     assert np.array_equal(mnist["valid"][0], mnist["train"][0][50000:])
 
