@@ -346,3 +346,38 @@ def test_the_onnx_export_after_a_readjustment_matches_the_model(tmp_path):
         expected = model.decode_noise(noise, 0.6)
     torch.testing.assert_close(torch.from_numpy(runtime.decode_noise([z.numpy() for z in noise], 0.6)), expected,
                                atol=1e-4, rtol=0)
+
+
+# ---------------------------------------------------------------- the schedules as the trainer wires them
+def test_the_trainer_wires_the_kl_warmup_and_the_regulariser_annealing_as_the_paper(tmp_path):
+    # The official code: kl_coeff = max(min((step - constant) / warmup, 1), 1e-4) with warmup = 30% of the steps
+    # and constant = 0.01% of them; lambda = exp((1 - kl_coeff) log(lambda_init) + kl_coeff log(lambda)).
+    # Mutations checked: the trainer passing kl_weight=1 to the loss, and lambda annealed the wrong way round.
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "train"))
+    import run
+    from trainer import read_log
+
+    config = NVAEConfig.preset("tiny").replace(reg_weight=0.01, reg_weight_init=1.0)
+    config.save(tmp_path / "config.json")
+    steps = 20
+    run.main(["--config", str(tmp_path / "config.json"), "--dataset", "synthetic", "--batch-size", "8",
+              "--max-steps", str(steps), "--kl-warmup", "0.5", "--log-every", "1", "--sample-every", "1000",
+              "--checkpoint-every", "1000", "--output-dir", str(tmp_path / "run")])
+    log = read_log(tmp_path / "run" / "log.jsonl")
+    assert [r["step"] for r in log] == list(range(1, steps + 1))
+    warmup, constant = round(0.5 * steps), round(1e-4 * steps)
+    for record in log:
+        step = record["step"] - 1  # the schedules count completed steps from 0
+        kl_coeff = max(min((step - constant) / warmup, 1.0), 1e-4)
+        assert record["kl_weight"] == pytest.approx(kl_coeff, rel=1e-9)
+        expected_lambda = math.exp((1 - kl_coeff) * math.log(1.0) + kl_coeff * math.log(0.01))
+        assert record["reg_weight"] == pytest.approx(expected_lambda, rel=1e-9)
+        if kl_coeff == 1.0:  # no balancing any more: the objective is the plain ELBO plus the regularisers
+            total = record["recon"] + record["kl"] + expected_lambda * (record["spectral"] + record["bn"])
+            assert record["loss"] == pytest.approx(total, rel=1e-5)
+        else:  # balanced: the KL's weights per group are >= 0 with mean 1, so kl_coeff * KL * groups bounds it
+            weighted_kl = record["loss"] - record["recon"] - expected_lambda * (record["spectral"] + record["bn"])
+            assert -1e-3 <= weighted_kl <= kl_coeff * config.num_groups * record["kl"] + 1e-3
