@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install browser demo test lint bench
+.PHONY: install browser demo test lint bench analysis
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,3 +34,12 @@ test: install browser lint
 
 bench: install
 	$(PY) bench/train_step.py --preset mnist --batch-size 16
+
+# The analyses of the bundled models that the README and the app's Analyses tab show (docs/analysis/NAME/): the full
+# suite on each model's test set (a model is analysed on the data set of its name). Add a model once it is bundled:
+#   make analysis ANALYSED_MODELS="mnist fashion-mnist"
+ANALYSED_MODELS ?= mnist
+analysis: install
+	for name in $(ANALYSED_MODELS); do \
+		$(PY) -m nvae_hub.analysis all --model $$name --dataset $$name --output-dir docs/analysis/$$name || exit 1; \
+	done

@@ -53,6 +53,9 @@ NUM_EXAMPLES = 10
 ONNX_META_FILE = "nvae_onnx.json"  # what marks a folder as an ONNX export (nvae_hub.onnx.META_FILE)
 RUNTIMES = ("auto", "onnx", "torch")
 # Small images (a 28x28 digit) fill their box with sharp pixels instead of sitting tiny in its middle.
+ANALYSES_DIR = Path(__file__).resolve().parent / "docs" / "analysis"  # `make analysis` writes docs/analysis/NAME/
+ANALYSIS_FIGURES = {"kl": "KL per group and active units", "latent-map": "t-SNE of the latents and k-NN accuracy",
+                    "control": "Variable control: transfer matrix T[scale, property]"}
 CSS = ".pixelated img { image-rendering: pixelated; height: 160px !important; max-width: 100%; object-fit: contain; }"
 
 
@@ -480,12 +483,48 @@ class Explorer:
                 f"**Runtime**: {self.runtime}{note}; bits/dim with PyTorch.")
 
 
+# ====================================================================== analyses of the bundled models
+class AnalysisGallery:
+    """The bundled models' analyses (``python -m nvae_hub.analysis``, written by ``make analysis`` into
+    ``folder/NAME/``): key numbers and figures, read once when the app starts, never per request."""
+
+    def __init__(self, folder: Path) -> None:
+        from nvae_hub.analysis.report import key_numbers, load_results
+
+        self.models: dict[str, tuple[str, list[Image.Image | None]]] = {}
+        for name in BUNDLED_MODELS:
+            results = load_results(folder / name)
+            if not results:
+                continue
+            figures: list[Image.Image | None] = []
+            for item in ANALYSIS_FIGURES:
+                path = folder / name / f"{item}.png"
+                if item in results and path.is_file():
+                    with Image.open(path) as figure:
+                        figures.append(figure.convert("RGB"))
+                else:
+                    figures.append(None)
+            source = (f"Computed by `python -m nvae_hub.analysis all --model {name} --dataset {name}` "
+                      f"(report: `docs/analysis/{name}/report.md`).")
+            self.models[name] = (f"{key_numbers(results)}\n\n{source}", figures)
+
+    def show(self, name: Any) -> tuple[Any, ...]:
+        """The key numbers and figures of bundled model ``name``."""
+        if not isinstance(name, str) or name not in self.models:
+            raise gr.Error(f"no analyses for that model; choose one of: {', '.join(self.models)}")
+        text, figures = self.models[name]
+        return (text, *figures)
+
+
 # ====================================================================== the page
 def build_app(model_name_or_path: str, onnx_dir: str | os.PathLike | None = None, *, runtime: str = "auto",
-              cache_dir: str | os.PathLike | None = None, bpd_samples: int = BPD_SAMPLES) -> gr.Blocks:
-    """Load the model (see ``Explorer``) and lay out the page: tabs Sample, Reconstruct, Swap scales and
-    Explore scales. Every button has an ``api_name`` so that ``gradio_client`` can call it too."""
+              cache_dir: str | os.PathLike | None = None, bpd_samples: int = BPD_SAMPLES,
+              analyses_dir: Path = ANALYSES_DIR) -> gr.Blocks:
+    """Load the model (see ``Explorer``) and lay out the page: tabs Sample, Reconstruct, Swap scales, Explore
+    scales and Analyses (of the bundled models, from ``analyses_dir``). Every button has an ``api_name`` so that
+    ``gradio_client`` can call it too."""
     ex = Explorer(model_name_or_path, onnx_dir, runtime=runtime, cache_dir=cache_dir, bpd_samples=bpd_samples)
+    gallery = AnalysisGallery(analyses_dir)
     png = {"format": "png", "type": "pil", "interactive": False, "buttons": ["download", "fullscreen"]}
     single = {**png, "elem_classes": "pixelated", "height": 220}  # one image, not a grid
 
@@ -578,6 +617,19 @@ def build_app(model_name_or_path: str, onnx_dir: str | os.PathLike | None = None
                 with gr.Column(scale=3):
                     explored = gr.Image(label="Rows: one scale resampled", elem_id="explore-output", **png)
                     explore_info = gr.Markdown()
+
+            with gr.Tab("Analyses", id="analyses"):
+                if gallery.models:
+                    first = next(iter(gallery.models))
+                    text, figures = gallery.models[first]
+                    analysed = gr.Dropdown(list(gallery.models), value=first, label="Bundled model")
+                    analysis_numbers = gr.Markdown(text)
+                    analysis_figures = [gr.Image(value=figure, label=title, **png)
+                                        for figure, title in zip(figures, ANALYSIS_FIGURES.values(), strict=True)]
+                    analysed.change(gallery.show, [analysed], [analysis_numbers, *analysis_figures],
+                                    api_name="analyses")
+                else:
+                    gr.Markdown("No analyses of the bundled models were found: `make analysis` computes them.")
 
         sample_button.click(ex.sample, [temperature, count, seed, override, *scale_temperatures],
                             [samples, sample_info], api_name="sample")

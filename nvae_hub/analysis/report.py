@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import json
 import math
-import numbers
 import os
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from numbers import Integral
 from pathlib import Path
 from typing import Any
 
@@ -92,15 +92,47 @@ def write_result(name: str, result: Result, inputs: Inputs, output_dir: Path) ->
     return numbers
 
 
+def load_results(output_dir: str | Path) -> dict[str, dict[str, Any]]:
+    """The numbers of every item that has an ``ITEM.json`` in ``output_dir``, in registry order."""
+    found = {name: _read_json(Path(output_dir) / f"{name}.json") for name in ITEMS}
+    return {name: numbers for name, numbers in found.items() if isinstance(numbers, dict)}
+
+
+def key_numbers(results: dict[str, dict[str, Any]]) -> str:
+    """A Markdown summary of the headline numbers in ``results`` (from ``load_results``): test MSE and NLL, KL and
+    active units per group, k-NN accuracies and the transfer matrix; items not run are left out."""
+    lines = []
+    if recon := results.get("recon"):
+        lines.append(f"- **Test reconstruction**: MSE per pixel {recon['mse_per_pixel']:.4f}; negative ELBO "
+                     f"{recon['neg_elbo_nats']:.2f} nats; NLL {recon['nll_nats']:.2f} ± {recon['nll_nats_stderr']:.2f} "
+                     f"nats ({recon['nll_bits_per_dim']:.4f} bits/dim, K={recon['sizes']['nll_importance_samples']}, "
+                     f"{recon['sizes']['nll_images']} images)")
+    if kl := results.get("kl"):
+        per_group = ", ".join(f"{v:.1f}" for v in kl["kl_per_group"])
+        channels = ", ".join(f"{a}/{c}" for a, c in zip(kl["active_channels_kl"], kl["channels_per_group"],
+                                                          strict=True))
+        units = ", ".join(f"{a}/{u}" for a, u in zip(kl["active_units_variance"], kl["units_per_group"], strict=True))
+        lines.append(f"- **KL per group** (coarsest first, nats): {per_group}; total {kl['kl_total']:.1f}")
+        lines.append(f"- **Active channels** (KL > 0.1): {channels}; **active units** (Var[mean] > 0.01): {units}")
+    if latent := results.get("latent-map"):
+        accuracy = ", ".join(f"{name} {value:.3f}" for name, value in latent["knn_accuracy"].items())
+        lines.append(f"- **{latent['protocol']['k']}-NN class accuracy**: {accuracy}")
+    if control := results.get("control"):
+        rows = "; ".join(f"scale {s}: " + ", ".join(f"{p} {'n/a' if v is None else f'{v:.2f}'}"
+                                                   for p, v in zip(control["properties"], row, strict=True))
+                         for s, row in zip(control["scales"], control["transfer_matrix"], strict=True))
+        lines.append(f"- **Transfer matrix T[scale, property]**: {rows}")
+    return "\n".join(lines)
+
+
 def write_report(output_dir: Path) -> Path:
     """Rebuild ``report.md`` from the ``ITEM.json`` files in ``output_dir``."""
+    results = load_results(output_dir)
     parts = ["# What the hierarchy learned\n",
              "Written by `python -m nvae_hub.analysis`; every figure's numbers are in the JSON file of the same "
-             "name.\n"]
-    for name, item in ITEMS.items():
-        numbers = _read_json(output_dir / f"{name}.json")
-        if numbers is None:
-            continue
+             "name.\n", f"{key_numbers(results)}\n"]
+    for name, numbers in results.items():
+        item = ITEMS[name]
         source = f"model `{numbers.get('model')}`" if numbers.get("model") else f"run `{numbers.get('run')}`"
         if numbers.get("dataset"):
             source += f", {numbers['dataset']} {numbers.get('split')} split"
@@ -120,7 +152,7 @@ def round_numbers(value: Any) -> Any:
         return [round_numbers(v) for v in value]
     if isinstance(value, bool | str) or value is None:
         return value
-    if isinstance(value, numbers.Integral):
+    if isinstance(value, Integral):
         return int(value)
     value = float(value)
     if not math.isfinite(value):
