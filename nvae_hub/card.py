@@ -34,6 +34,8 @@ class TrainingInfo:
     """Evaluation results, e.g. {"test_nll_nats": 81.2, "test_bits_per_dim": 0.149}."""
     metrics_note: str = ""
     """How the metrics were measured, e.g. "importance-weighted, K=100, full 10k test set"."""
+    beta: float = 1.0
+    """Weight of the KL term after warm-up (beta-VAE); 1 is the ordinary ELBO."""
 
 
 def model_card(config: NVAEConfig, training: TrainingInfo | None = None, num_parameters: int | None = None) -> str:
@@ -111,6 +113,8 @@ def _training(training: TrainingInfo) -> str:
         f"| data set | steps | wall time | hardware |\n|---|---|---|---|\n"
         f"| {training.dataset} | {training.steps:,} | {_duration(training.wall_time_seconds)} | "
         f"{training.hardware} |\n"
+        f"\nKL weight after warm-up: β = {training.beta:g}"
+        + (" (the ordinary ELBO).\n" if training.beta == 1 else " (a β-VAE objective; β = 1 is the ELBO).\n")
     )
     if training.metrics:
         rows = "\n".join(f"| {name} | {value:g} |" for name, value in training.metrics.items())

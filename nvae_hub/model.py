@@ -86,7 +86,7 @@ class LossOutput:
     """The terms of the training objective. All per-image values are in nats."""
 
     total: Tensor
-    """Scalar to backpropagate: mean(recon + weighted KL) + reg_weight * (spectral + bn)."""
+    """Scalar to backpropagate: mean(recon + beta * weighted KL) + reg_weight * (spectral + bn)."""
     recon: Tensor
     """-log p(x|z), shape (N,)."""
     kl: Tensor
@@ -299,11 +299,12 @@ class NVAE(
         return params, zs, posteriors, priors
 
     # ================================================================== training objective
-    def loss(self, x: Tensor, kl_weight: float = 1.0, reg_weight: float | None = None) -> LossOutput:
+    def loss(self, x: Tensor, kl_weight: float = 1.0, reg_weight: float | None = None, beta: float = 1.0) -> LossOutput:
         """The negative ELBO with KL warm-up/balancing, plus the regularisers, for a batch ``x``.
 
         ``kl_weight`` is the KL warm-up coefficient (1 = the true ELBO); while it is below 1 and the config
-        asks for it, the KL is balanced across groups. ``reg_weight`` overrides ``config.reg_weight`` (the
+        asks for it, the KL is balanced across groups. ``beta`` multiplies the (warmed-up) KL term, as in the
+        beta-VAE (Higgins et al., 2017); 1 is the ELBO. ``reg_weight`` overrides ``config.reg_weight`` (the
         trainer anneals it). The regularisers' power iteration advances only in training mode.
         """
         self._check_images(x)
@@ -316,7 +317,7 @@ class NVAE(
             weighted_kl = kl_balance(kl_per_group, kl_weight, self.kl_alpha)
         else:
             weighted_kl = kl_weight * kl
-        objective = (recon + weighted_kl).mean()
+        objective = (recon + beta * weighted_kl).mean()
 
         reg_weight = self.config.reg_weight if reg_weight is None else reg_weight
         zero = objective.new_zeros(())

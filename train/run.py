@@ -11,6 +11,7 @@ See train/trainer.py for the recipe and the outputs.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import shlex
 import sys
@@ -55,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     recipe.add_argument("--kl-warmup", type=float, default=0.3,
                         help="fraction of training over which the KL weight ramps up to 1, with KL balancing "
                              "(default: 0.3)")
+    recipe.add_argument("--beta", type=float, default=1.0,
+                        help="weight of the KL term after warm-up, as in the beta-VAE (default: 1, the ELBO)")
     recipe.add_argument("--grad-clip", type=float, default=200.0,
                         help="clip the gradient norm to this (default: 200; 0 turns clipping off)")
     recipe.add_argument("--skip-threshold", type=float, default=2000.0,
@@ -103,6 +106,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ["lr", "lr_min", "weight_decay", "grad_clip", "skip_threshold", "num_workers", "eval_samples"]:
         if getattr(args, name) < 0:
             parser.error(f"--{name.replace('_', '-')} must not be negative")
+    if not 0 < args.beta < math.inf:
+        parser.error(f"--beta must be a positive number, got {args.beta}")
     for name in ["lr_warmup", "kl_warmup", "ema_decay"]:
         if not 0 <= getattr(args, name) <= 1:
             parser.error(f"--{name.replace('_', '-')} must be between 0 and 1")

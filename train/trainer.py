@@ -68,8 +68,8 @@ class LossModule(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, x: Tensor, kl_weight: float, reg_weight: float) -> dict[str, Tensor]:
-        out = self.model.loss(x, kl_weight=kl_weight, reg_weight=reg_weight)
+    def forward(self, x: Tensor, kl_weight: float, reg_weight: float, beta: float = 1.0) -> dict[str, Tensor]:
+        out = self.model.loss(x, kl_weight=kl_weight, reg_weight=reg_weight, beta=beta)
         return {field.name: getattr(out, field.name) for field in dataclasses.fields(out)}
 
 
@@ -259,7 +259,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         buffers = [b.detach().clone() for b in model.buffers()]  # restored if the update is skipped
 
         with accelerator.autocast():
-            out = loss_module(x, kl_weight=kl_weight, reg_weight=reg)
+            out = loss_module(x, kl_weight=kl_weight, reg_weight=reg, beta=args.beta)
         accelerator.backward(out["total"])
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.grad_clip or math.inf).item()
         skip = not math.isfinite(grad_norm) or (args.skip_threshold > 0 and grad_norm > args.skip_threshold)
@@ -358,7 +358,8 @@ def finish(args: argparse.Namespace, accelerator: Accelerator, cfg: NVAEConfig, 
     plots.plot_kl_per_group(kl_groups, ema_model.scale_of_group, plots_dir / "kl_per_group.png")
 
     info = TrainingInfo(command=args.command, dataset=args.dataset, steps=max_steps, wall_time_seconds=wall_time,
-                        hardware=hardware_description(accelerator), metrics=metrics, metrics_note=metrics_note)
+                        hardware=hardware_description(accelerator), metrics=metrics, metrics_note=metrics_note,
+                        beta=args.beta)
     save_pretrained(ema_model, out_dir / "final", training=info)
 
     def tail_mean(key: str) -> float | None:
