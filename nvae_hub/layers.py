@@ -20,6 +20,9 @@ class Conv2d(nn.Conv2d):
 
     Every convolution also keeps the left and right singular-vector estimates (``sr_u``, ``sr_v``) of its
     weight matrix as buffers, for the spectral regulariser; they are saved and loaded with the weights.
+    An optional 0/1 ``mask`` of the weight's shape (the masked convolutions of ``nvae_hub.flows``) multiplies
+    the weight before it is normalised; it is a non-persistent buffer, so it follows the module to any device
+    and is not part of the saved weights.
     """
 
     def __init__(
@@ -32,10 +35,14 @@ class Conv2d(nn.Conv2d):
         groups: int = 1,
         bias: bool = True,
         weight_norm: bool = True,
+        mask: Tensor | None = None,
     ) -> None:
         super().__init__(c_in, c_out, kernel_size, stride, padding, groups=groups, bias=bias)
+        if mask is not None and mask.shape != self.weight.shape:
+            raise ValueError(f"mask of shape {tuple(mask.shape)} for a weight of shape {tuple(self.weight.shape)}")
+        self.register_buffer("mask", None if mask is None else mask.to(self.weight), persistent=False)
         if weight_norm:
-            norm = self.weight.detach().flatten(1).norm(dim=1)
+            norm = self.masked_weight().detach().flatten(1).norm(dim=1)
             self.log_gain = nn.Parameter(torch.log(norm + 1e-2))
         else:
             self.register_parameter("log_gain", None)
@@ -44,12 +51,17 @@ class Conv2d(nn.Conv2d):
         self.register_buffer("sr_v", F.normalize(torch.randn(cols), dim=0, eps=1e-3))
         self.forward_weight: Tensor | None = None
 
+    def masked_weight(self) -> Tensor:
+        """The raw weight, times the mask if there is one."""
+        return self.weight if self.mask is None else self.weight * self.mask
+
     def effective_weight(self) -> Tensor:
-        """The weight actually used: the normalised one under weight normalisation."""
+        """The weight actually used: the (masked) weight, normalised under weight normalisation."""
+        weight = self.masked_weight()
         if self.log_gain is None:
-            return self.weight
-        norm = self.weight.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
-        return torch.exp(self.log_gain).view(-1, 1, 1, 1) * self.weight / (norm + 1e-5)
+            return weight
+        norm = weight.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+        return torch.exp(self.log_gain).view(-1, 1, 1, 1) * weight / (norm + 1e-5)
 
     def fold_weight_norm(self) -> None:
         """Replace (v, log_gain) by the plain weight they define (for export and fast inference)."""

@@ -5,7 +5,8 @@ from a learned tensor ``h0``; at each group it computes the prior p(z_g | z_<g) 
 (from the posterior, from the prior, or from the caller) and merges it into its state with a 1x1 conv.
 The encoder runs once, fine to coarse, and leaves one feature map per group; the posterior of group g is
 the residual Normal q = N(mu_p + dmu, sigma_p * dsigma), where (dmu, dsigma) come from that feature plus
-the decoder state. ``_top_down`` is the one loop that every public method drives.
+the decoder state. With ``config.num_flows > 0`` its sample is then pushed through the group's normalising
+flows (``nvae_hub.flows``); the prior never is. ``_top_down`` is the one loop that every public method drives.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from torch import Tensor, nn
 from .card import CARD_NAME, LIBRARY_NAME, LICENSE, PAPER_URL, PIPELINE_TAG, TAGS, TrainingInfo, model_card
 from .config import CHANNEL_MULT, NVAEConfig
 from .distributions import Bernoulli, DiscretizedLogisticMixture, Normal, reduce_bits
+from .flows import PosteriorFlow
 from .layers import Cell, Conv2d, batchnorm_loss, spectral_loss
 from .schedules import kl_balance, kl_balance_coefficients
 from .weights import CONFIG_NAME, WEIGHTS_NAME, PretrainedLoadError, load_weights, parse_config, save_weights
@@ -82,6 +84,33 @@ class Latents:
 
 
 @dataclass
+class GroupPosterior:
+    """The approximate posterior q(z_g | x, z_<g) of one group, at the latent drawn from it."""
+
+    normal: Normal
+    """q0, the Normal from the encoder."""
+    z0: Tensor
+    """The sample (or the mean) drawn from ``normal``."""
+    z: Tensor
+    """The latent handed to the decoder: ``z0`` pushed through the group's flows (``z0`` itself without flows)."""
+    log_det: Tensor | None = None
+    """log |dz_i/dz0_i| per element, whose sum is log |det dz/dz0| (the flows' Jacobian is triangular); None
+    without flows. Volume-preserving flows give 0."""
+
+    def log_prob(self) -> Tensor:
+        """log q(z|x) per element at the latent ``z``: log q0(z0) - log|det dz/dz0| (change of variables)."""
+        log_q0 = self.normal.log_prob(self.z0)
+        return log_q0 if self.log_det is None else log_q0 - self.log_det
+
+    def kl(self, prior: Normal) -> Tensor:
+        """KL(q || prior) per element: analytic without flows; with flows (no closed form) the one-sample
+        estimate log q(z|x) - log p(z) at the flowed sample."""
+        if self.log_det is None:
+            return self.normal.kl(prior)
+        return self.log_prob() - prior.log_prob(self.z)
+
+
+@dataclass
 class LossOutput:
     """The terms of the training objective. All per-image values are in nats."""
 
@@ -90,7 +119,8 @@ class LossOutput:
     recon: Tensor
     """-log p(x|z), shape (N,)."""
     kl: Tensor
-    """KL(q(z|x) || p(z)) summed over groups, shape (N,)."""
+    """KL(q(z|x) || p(z)) summed over groups, shape (N,) (with flows a one-sample estimate, which can be
+    negative for one image)."""
     kl_per_group: Tensor
     """KL of each group, shape (N, G)."""
     spectral: Tensor
@@ -182,6 +212,9 @@ class NVAE(
             post += [Cell(ch, "mbconv3", use_se=se) for _ in range(cfg.num_postprocess_cells - 1)]
         self.postprocess = nn.Sequential(*post)
         self.head = nn.Sequential(nn.ELU(), Conv2d(ch, cfg.output_channels, 3, padding=1))
+
+        # ---- normalising flows of the posteriors (built last: the other layers start as without flows)
+        self.flows = nn.ModuleList(PosteriorFlow(zc, cfg.num_flows) for _ in range(num_groups) if cfg.num_flows)
 
         self.register_buffer("kl_alpha", kl_balance_coefficients(self.groups_per_scale), persistent=False)
         # Number of spectral-regulariser updates so far: the first one runs 10x the power iterations.
@@ -276,22 +309,24 @@ class NVAE(
 
     def _posterior_pass(
         self, x: Tensor, use_mean: bool = False, repeats: int = 1
-    ) -> tuple[Tensor, list[Tensor], list[Normal], list[Normal]]:
+    ) -> tuple[Tensor, list[Tensor], list[GroupPosterior], list[Normal]]:
         """Encode ``x`` and decode its posterior samples (or means), ``repeats`` samples per image (consecutive
-        in the batch; the bottom-up pass runs once per image). Returns the output parameters, the zs and the
-        posterior and prior of every group."""
+        in the batch; the bottom-up pass runs once per image). With flows, each sample (or mean) is pushed
+        through its group's flows. Returns the output parameters, the zs and the posterior and prior of every
+        group."""
         features = self._bottom_up(x)
         if repeats > 1:
             features = [f.repeat_interleave(repeats, dim=0) for f in features]
         zs: list[Tensor] = []
-        posteriors: list[Normal] = []
+        posteriors: list[GroupPosterior] = []
         priors: list[Normal] = []
 
         def choose_z(g: int, s: Tensor, prior: Normal) -> Tensor:
             q = self._posterior(g, features[g], s, prior)
-            z = q.mu if use_mean else q.rsample()
+            z0 = q.mu if use_mean else q.rsample()
+            z, log_det = self.flows[g](z0) if self.flows else (z0, None)
             zs.append(z)
-            posteriors.append(q)
+            posteriors.append(GroupPosterior(q, z0, z, log_det))
             priors.append(prior)
             return z
 
@@ -479,7 +514,8 @@ class NVAE(
     # ================================================================== encode / decode
     @in_eval_mode
     def encode(self, x: Tensor, sample: bool = False) -> Latents:
-        """The latents of ``x``: posterior means (or samples), one tensor per group, coarsest scale first."""
+        """The latents of ``x``: posterior means (or samples), one tensor per group, coarsest scale first.
+        With flows, the means (or samples) of the encoder's Normals pushed through the flows."""
         self._check_images(x)
         _, zs, _, _ = self._posterior_pass(x, use_mean=not sample)
         return Latents(zs, list(self.scale_of_group))
@@ -519,10 +555,10 @@ class NVAE(
         out = []
         for xb in x.split(per_chunk):
             xk = xb.repeat_interleave(num_samples, dim=0)
-            params, zs, posteriors, priors = self._posterior_pass(xb, repeats=num_samples)
+            params, _, posteriors, priors = self._posterior_pass(xb, repeats=num_samples)
             log_w = self._log_likelihood(params, xk)
-            for z, q, p in zip(zs, posteriors, priors, strict=True):
-                log_w = log_w + (p.log_prob(z) - q.log_prob(z)).flatten(1).sum(dim=1)
+            for q, p in zip(posteriors, priors, strict=True):  # log p(z) - log q(z|x), at the flowed z
+                log_w = log_w + (p.log_prob(q.z) - q.log_prob()).flatten(1).sum(dim=1)
             log_w = log_w.view(xb.shape[0], num_samples)
             out.append(math.log(num_samples) - torch.logsumexp(log_w, dim=1))
         return torch.cat(out)

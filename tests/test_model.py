@@ -45,14 +45,6 @@ def test_small_presets_give_finite_losses_of_the_right_shapes(preset):
     assert out.spectral > 0 and out.bn > 0
 
 
-@pytest.mark.parametrize(("preset", "millions"), [("cifar10", 129.22), ("celeba64", 151.37), ("celeba256", 326.87)])
-def test_large_presets_build_with_the_parameter_counts_of_the_readme(preset, millions):
-    model = make(preset)
-    count = sum(p.numel() for p in model.parameters())
-    assert abs(count / 1e6 - millions) < 0.01 * millions
-    assert model.num_groups == sum(model.groups_per_scale)
-
-
 def test_mnist_preset_matches_the_paper_architecture():
     model = make("mnist")
     # The reference implementation counts 33.4M parameters for this configuration.
@@ -274,20 +266,26 @@ def test_power_iteration_advances_only_in_training_mode():
     assert not torch.equal(u, model.stem.sr_u)
 
 
-def test_a_few_steps_of_training_lower_the_loss():
-    model = make("tiny").train()
-    x = torch.zeros(16, 1, 16, 16)  # three patterns: black, white, half white
+def train_on_patterns(model: NVAE, steps: int, batch_size: int = 16) -> list[float]:
+    """Train a 16x16 grayscale ``model`` on three patterns (black, white, half white); the loss of every step."""
+    model.train()
+    x = torch.zeros(batch_size, 1, 16, 16)
     x[::2] = 1
     x[1::4, :, :8] = 1
     optimizer = torch.optim.Adamax(model.parameters(), lr=1e-2)
     torch.manual_seed(0)
     losses = []
-    for _ in range(30):
+    for _ in range(steps):
         loss = model.loss(x, kl_weight=1.0, reg_weight=0.0)
         optimizer.zero_grad()
         loss.total.backward()
         optimizer.step()
         losses.append(loss.total.item())
+    return losses
+
+
+def test_a_few_steps_of_training_lower_the_loss():
+    losses = train_on_patterns(make("tiny"), steps=30)
     assert sum(losses[-5:]) < 0.3 * sum(losses[:5])
 
 

@@ -70,9 +70,10 @@ def assert_onnx_parity(model: NVAE, export_dir: str | os.PathLike, batch_sizes: 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[NVAE, Path, dict, dict]:
-    """A tiny model, its export directory, the JSON export_onnx returned and the model's state before export."""
+    """A tiny model with normalising flows in its posterior, its export directory, the JSON export_onnx returned and
+    the model's state before export. (The CLI test below and the bundled model's test export flow-free models.)"""
     torch.manual_seed(0)
-    model = NVAE(NVAEConfig.preset("tiny")).eval()
+    model = NVAE(NVAEConfig.preset("tiny").replace(num_flows=1)).eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     export_dir = tmp_path_factory.mktemp("tiny_onnx")
     meta = export_onnx(model, export_dir, source="preset:tiny")
@@ -109,6 +110,18 @@ def test_export_dir_holds_three_self_contained_graphs_and_the_json(tiny):
         proto = onnx.load(os.fspath(export_dir / name))
         assert proto.graph.initializer, name
         assert not any(uses_external_data(t) for t in proto.graph.initializer), name
+
+
+def test_only_the_encoder_graph_runs_the_flows(tiny, runtime):
+    model, export_dir, _, _ = tiny
+    names = {name: {t.name for t in onnx.load(os.fspath(export_dir / name)).graph.initializer} for name in ONNX_FILES}
+    assert sum(".flows." in n for n in names["encoder.onnx"]) == model.num_groups * 2  # the shift biases
+    assert not any(".flows." in n for name in ("decoder.onnx", "decode_latents.onnx") for n in names[name])
+    x = images(model.config, 2, seed=3)
+    with torch.no_grad():
+        _, _, posteriors, _ = model._posterior_pass(x, use_mean=True)
+    for z, q in zip(runtime.encode(x.numpy()), posteriors, strict=True):  # flowed, not the Normal's mean
+        assert np.abs(z - q.z0.numpy()).max() > 1e-3
 
 
 def test_graphs_draw_no_random_numbers(tiny):
