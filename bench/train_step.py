@@ -2,6 +2,7 @@
 optimizer step). Prints one JSON line.
 
     python bench/train_step.py --preset mnist --batch-size 16
+    python bench/train_step.py --preset mnist-small --batch-size 64 --num-flows 1   # the cost of posterior flows
 """
 
 from __future__ import annotations
@@ -30,10 +31,13 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--bf16", action="store_true", help="run under bf16 autocast")
+    parser.add_argument("--num-flows", type=int, default=None, help="override the preset's num_flows")
     args = parser.parse_args()
 
     torch.manual_seed(0)
     config = NVAEConfig.preset(args.preset)
+    if args.num_flows is not None:
+        config = config.replace(num_flows=args.num_flows)
     device = torch.device(args.device)
     model = NVAE(config).to(device).train()
     optimizer = torch.optim.Adamax(model.parameters(), lr=1e-3, eps=1e-3, weight_decay=3e-4)
@@ -63,6 +67,7 @@ def main() -> None:
     result = {
         "preset": args.preset,
         "batch_size": args.batch_size,
+        "num_flows": config.num_flows,
         "device": str(device),
         "bf16": args.bf16,
         "threads": torch.get_num_threads(),

@@ -99,6 +99,7 @@ def _configuration(config: NVAEConfig, num_parameters: int | None) -> str:
         ("output distribution", config.output),
         ("latent hierarchy", f"{config.num_scales} scale(s), {config.num_groups} groups ({groups} per scale, "
                              f"coarsest first), {config.latent_channels} channels each"),
+        ("posterior flows", f"{config.num_flows} pair(s) of IAF cells per group" if config.num_flows else "none"),
     ]
     if num_parameters is not None:
         rows.append(("parameters", f"{num_parameters / 1e6:.2f}M ({num_parameters:,})"))
