@@ -146,8 +146,9 @@ def posterior_stats(model: NVAE, dataset: Dataset[Tensor], *, limit: int, seed: 
                     progress: bool = True, batch_size: int = 64) -> PosteriorStats:
     """One pass over the first ``limit`` images as the model scores them (see ``nvae_hub.evaluation``).
 
-    With ``sample=False`` every group's z is its posterior mean (what ``NVAE.encode`` returns); with
-    ``sample=True`` z is drawn from the posterior (as in the ELBO; the draws come from ``seed``).
+    With ``sample=False`` every group's z is its posterior mean (what ``NVAE.encode`` returns; with flows, the
+    mean pushed through them); with ``sample=True`` z is drawn from the posterior (as in the ELBO; the draws come
+    from ``seed``) and the means are those of the encoder's Normals.
     """
     means: list[list[Tensor]] = [[] for _ in range(model.num_groups)]
     kls: list[list[Tensor]] = [[] for _ in range(model.num_groups)]
@@ -156,7 +157,7 @@ def posterior_stats(model: NVAE, dataset: Dataset[Tensor], *, limit: int, seed: 
                                 desc="encode"):
             _, _, posteriors, priors = model._posterior_pass(x, use_mean=not sample)
             for g, (q, p) in enumerate(zip(posteriors, priors, strict=True)):
-                means[g].append(q.mu.cpu())
+                means[g].append((q.normal.mu if sample else q.z).cpu())
                 kls[g].append(q.kl(p).sum(dim=(2, 3)).cpu())
     return PosteriorStats([torch.cat(m) for m in means], [torch.cat(k) for k in kls], list(model.scale_of_group))
 
