@@ -55,7 +55,8 @@ class _LatentDecoder(nn.Module):
 
 
 class _Encoder(nn.Module):
-    """x -> (z_0, ..., z_{G-1}), the posterior means. Wraps the unvalidated posterior pass, because
+    """x -> (z_0, ..., z_{G-1}), the posterior means (with flows, pushed through them, as ``NVAE.encode`` returns;
+    the flows' masked weights are constants of the graph). Wraps the unvalidated posterior pass, because
     ``NVAE.encode`` checks the pixel range with data-dependent branches that cannot be exported."""
 
     def __init__(self, model: NVAE) -> None:
