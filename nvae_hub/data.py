@@ -15,6 +15,8 @@ import codecs
 import gzip
 import hashlib
 import io
+import json
+import logging
 import math
 import os
 import pickle
@@ -26,6 +28,7 @@ import tempfile
 import urllib.request
 import zipfile
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -79,6 +82,11 @@ CIFAR10_FILES = {"train": tuple(f"data_batch_{i}" for i in range(1, 6)), "test":
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"})
 IMAGEFOLDER_TEST_FRACTION = 0.05
+IMAGE_CHECKS_FOLDER = "image-checks"
+"""Sub-folder of the cache folder that remembers which image files decode (see ``check_images``)."""
+MAX_LISTED_BAD_IMAGES = 20
+
+logger = logging.getLogger(__name__)
 
 
 class ChecksumError(ValueError):
@@ -244,12 +252,15 @@ class ImageTensorDataset(Dataset[torch.Tensor]):
 
 
 class ImageFolderDataset(Dataset[torch.Tensor]):
-    """Image files decoded lazily, one per item, with ``load_image``."""
+    """Image files decoded lazily, one per item, with ``load_image``. ``skipped`` maps the files left out because
+    they cannot be decoded (see ``build_dataset``'s ``skip_bad_images``) to the reason."""
 
-    def __init__(self, paths: Sequence[Path], image_size: int, channels: int) -> None:
+    def __init__(self, paths: Sequence[Path], image_size: int, channels: int,
+                 skipped: dict[Path, str] | None = None) -> None:
         self.paths = list(paths)
         self.image_size = image_size
         self.channels = channels
+        self.skipped = dict(skipped or {})
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -530,6 +541,62 @@ def load_image(path: str | Path, image_size: int, channels: int) -> torch.Tensor
         raise CorruptImageError(f"cannot read image {path}: {error}") from error
 
 
+def _image_problem(path: Path) -> str | None:
+    """Why the image file at ``path`` cannot be decoded, or None if it can."""
+    try:
+        load_image(path, image_size=1, channels=1)
+    except CorruptImageError as error:
+        return str(error.__cause__ or error)
+    return None
+
+
+def check_images(paths: Sequence[Path], cache_file: Path | None = None, workers: int | None = None) -> dict[Path, str]:
+    """Decode every file of ``paths`` once, in ``workers`` threads (default: one per CPU); return the files that
+    cannot be decoded, with the reason.
+
+    With ``cache_file`` (JSON), a file whose size and modification time are those of an earlier check is not
+    decoded again, and the results are written back (atomically) for the next call.
+    """
+    cached: Any = {}
+    if cache_file is not None and cache_file.is_file():
+        try:
+            cached = json.loads(cache_file.read_text())
+        except ValueError:
+            cached = None
+        if not isinstance(cached, dict):
+            logger.warning("ignoring the unreadable image-check cache %s", cache_file)
+            cached = {}
+    keys = [str(path.resolve()) for path in paths]
+    results: dict[str, list[Any]] = {}  # key -> [size, mtime, problem or None]
+    todo = []
+    for path, key in zip(paths, keys, strict=True):
+        stat = path.stat()
+        signature = [stat.st_size, stat.st_mtime_ns]
+        if isinstance(cached.get(key), list) and cached[key][:2] == signature and len(cached[key]) == 3:
+            results[key] = cached[key]
+        else:
+            todo.append((path, key, signature))
+    if todo:
+        logger.info("checking %d image files", len(todo))
+        with ThreadPoolExecutor(max_workers=workers or len(os.sched_getaffinity(0))) as pool:
+            # PIL's decoders release the GIL, so threads decode in parallel.
+            problems = pool.map(_image_problem, [path for path, _, _ in todo])
+            for (_, key, signature), problem in zip(todo, problems, strict=True):
+                results[key] = [*signature, problem]
+        if cache_file is not None:
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache_file.with_name(f".{cache_file.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({**cached, **results}))
+            os.replace(tmp, cache_file)
+    return {path: results[key][2] for path, key in zip(paths, keys, strict=True) if results[key][2] is not None}
+
+
+def _image_check_cache(folder: Path) -> Path:
+    """The cache file of ``check_images`` for an image folder (one per folder, in the cache folder)."""
+    digest = hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:20]
+    return cache_root() / IMAGE_CHECKS_FOLDER / f"{digest}.json"
+
+
 def _image_folder_paths(root: Path, split: str, seed: int) -> list[Path]:
     """The image paths of ``split``: ``root/train`` and ``root/test`` if both exist, else a seeded split."""
     if (root / "train").is_dir() and (root / "test").is_dir():
@@ -541,6 +608,25 @@ def _image_folder_paths(root: Path, split: str, seed: int) -> list[Path]:
     order = np.random.default_rng(seed).permutation(len(paths))
     chosen = order[:n_test] if split == "test" else order[n_test:]
     return [paths[i] for i in sorted(chosen)]
+
+
+def _checked_image_folder(root: Path, split: str, seed: int, image_size: int, channels: int,
+                          skip_bad_images: bool) -> ImageFolderDataset:
+    """The ``split`` of the image folder ``root``, its files checked with ``check_images``."""
+    paths = _image_folder_paths(root, split, seed)
+    bad = check_images(paths, _image_check_cache(root))
+    if bad:
+        listing = "\n".join(f"  {path}: {problem}" for path, problem in list(bad.items())[:MAX_LISTED_BAD_IMAGES])
+        more = len(bad) - MAX_LISTED_BAD_IMAGES
+        listing += f"\n  ... and {more} more" if more > 0 else ""
+        summary = f"{len(bad)} of the {len(paths)} {split} image files under {root} cannot be decoded:\n{listing}"
+        if not skip_bad_images:
+            raise CorruptImageError(f"{summary}\nRepair or remove them, or leave them out with skip_bad_images=True "
+                                    f"(--skip-bad-images on the command line)")
+        if len(bad) == len(paths):
+            raise CorruptImageError(summary)
+        logger.warning("%s\nthey are left out", summary)
+    return ImageFolderDataset([p for p in paths if p not in bad], image_size, channels, skipped=bad)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -594,8 +680,13 @@ def dataset_labels(name: str, split: str, data_dir: str | Path | None = None) ->
     return None
 
 
+def dataset_splits(name: str) -> tuple[str, ...]:
+    """The split names of data set ``name``."""
+    return MNIST_SPLITS if name == "mnist" else SPLITS
+
+
 def build_dataset(name: str, split: str, *, data_dir: str | Path | None, image_size: int, channels: int,
-                  seed: int = 0, synthetic_size: int = 512) -> Dataset[torch.Tensor]:
+                  seed: int = 0, synthetic_size: int = 512, skip_bad_images: bool = False) -> Dataset[torch.Tensor]:
     """The ``split`` of data set ``name``: items are float32 ``(channels, image_size, image_size)`` in [0, 1].
 
     - "mnist": 1x28x28; "train" 60,000 images, "test" 10,000, "valid" the last 10,000 of "train"
@@ -609,8 +700,11 @@ def build_dataset(name: str, split: str, *, data_dir: str | Path | None, image_s
     - "imagefolder": every image under ``data_dir`` (recursive), resized and cropped to ``image_size`` and
       converted to ``channels`` (1 or 3). Uses ``data_dir/train`` and ``data_dir/test`` if both exist, else
       holds out 5% (at least one image) as "test", chosen by ``seed``. For CelebA point ``data_dir`` at the
-      ``img_align_celeba`` folder. Files are decoded when an item is read; an undecodable one raises
-      ``CorruptImageError`` naming it.
+      ``img_align_celeba`` folder. Every file of the split is decoded once here, in parallel, and remembered
+      by size and modification time (``check_images``), so a bad file is found before training starts: files
+      that cannot be decoded raise ``CorruptImageError`` listing them, or, with ``skip_bad_images``, are left
+      out with a logged warning (and listed in the data set's ``skipped``). The split is drawn before bad files
+      are left out, so it does not depend on them.
     - "sprites" (1x64x64) and "sprites32" (1x32x32): binary images of shapes with known generative factors
       (``nvae_hub.sprites``), rendered when read; "train" 727,280 images, "test" 10,000; the data set's
       ``factors`` attribute holds every image's factor indices.
@@ -621,7 +715,7 @@ def build_dataset(name: str, split: str, *, data_dir: str | Path | None, image_s
     """
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
-    splits = MNIST_SPLITS if name == "mnist" else SPLITS
+    splits = dataset_splits(name)
     if split not in splits:
         raise ValueError(f"unknown split {split!r} for {name}; choose one of: {', '.join(splits)}")
     if image_size < 1 or channels < 1:
@@ -642,7 +736,7 @@ def build_dataset(name: str, split: str, *, data_dir: str | Path | None, image_s
             raise ValueError(f"imagefolder converts images to 1 (L) or 3 (RGB) channels, not {channels}")
         if data_dir is None:
             raise ValueError("imagefolder needs data_dir, the folder of images")
-        return ImageFolderDataset(_image_folder_paths(Path(data_dir), split, seed), image_size, channels)
+        return _checked_image_folder(Path(data_dir), split, seed, image_size, channels, skip_bad_images)
     if name in sprites.IMAGE_SIZES:
         _check_native_shape(name, (1, sprites.IMAGE_SIZES[name], sprites.IMAGE_SIZES[name]), image_size, channels)
         return sprites.sprites_dataset(name, split)
