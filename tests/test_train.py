@@ -105,10 +105,11 @@ def test_a_run_writes_checkpoints_pictures_and_tensorboard_logs(trained):
     assert list((out / "tensorboard").rglob("events.out.tfevents.*"))
 
 
-def test_a_new_run_refuses_to_overwrite_checkpoints(trained):
+def test_a_new_run_refuses_to_overwrite_checkpoints(trained, capsys):
     out, _ = trained
-    with pytest.raises(FileExistsError, match="--resume"):
+    with pytest.raises(SystemExit) as exit_info:
         run.main([*TINY, "--max-steps", "40", "--output-dir", str(out)])
+    assert exit_info.value.code == 1 and "pass --resume to continue that run" in capsys.readouterr().err
 
 
 def test_evaluate_prints_one_json_object(trained):

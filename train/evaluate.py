@@ -15,9 +15,13 @@ from typing import Any
 
 import torch
 
-from nvae_hub.data import DATASETS, build_dataset
+from nvae_hub.data import DATASETS, build_dataset, dataset_splits
 from nvae_hub.evaluation import evaluate_nll
 from nvae_hub.hub import load_pretrained
+
+# isort: split
+# A module next to this script: Python puts the script's folder (train/) first on sys.path.
+from options import add_threads_option, check_ranges
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,7 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dataset", required=True, choices=DATASETS, help="the data set to evaluate on")
     parser.add_argument("--data-dir", default=None,
                         help="data folder (cache folder for mnist/cifar10, the images for imagefolder)")
-    parser.add_argument("--split", default="test", help="the split to evaluate (default: test)")
+    parser.add_argument("--split", default="test",
+                        help="the split to evaluate: train or test, and valid for mnist (default: test)")
+    parser.add_argument("--skip-bad-images", action="store_true",
+                        help="imagefolder: leave out the files that cannot be decoded (listed) instead of stopping")
     parser.add_argument("--num-samples", type=int, default=100,
                         help="importance samples K per image (default: 100; the paper uses 1000)")
     parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
@@ -38,26 +45,43 @@ def build_parser() -> argparse.ArgumentParser:
                         help="seed of the binarisation and the importance samples (default: 0)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="device to run on (default: cuda if available, else cpu)")
+    add_threads_option(parser)
     return parser
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Parse and check the command line."""
-    parser = build_parser()
+def parse_args(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None) -> argparse.Namespace:
+    """Parse the command line and check every option (usage errors, before the model is loaded)."""
+    parser = parser or build_parser()
     args = parser.parse_args(argv)
-    for name in ("num_samples", "batch_size", "limit"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    check_ranges(parser, args, at_least_one=["num_samples", "batch_size", "limit", "threads"])
+    if args.split not in dataset_splits(args.dataset):
+        parser.error(f"--split {args.split!r} is not a split of {args.dataset}; choose one of: "
+                     f"{', '.join(dataset_splits(args.dataset))}")
+    if args.dataset == "imagefolder" and args.data_dir is None:
+        parser.error("--dataset imagefolder needs --data-dir, the folder of images")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as error:
+        parser.error(f"--device {args.device}: {error}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: no CUDA device is available here; use --device cpu")
     return args
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Evaluate as the command line says and print the result as one JSON object."""
-    args = parse_args(argv)
-    model = load_pretrained(args.model, revision=args.revision, device=args.device)
-    dataset = build_dataset(args.dataset, args.split, data_dir=args.data_dir, image_size=model.config.image_size,
-                            channels=model.config.channels, seed=args.seed)
+    parser = build_parser()
+    args = parse_args(argv, parser)
+    torch.set_num_threads(args.threads)
+    try:
+        model = load_pretrained(args.model, revision=args.revision, device=args.device)
+    except (OSError, ValueError) as error:
+        parser.error(f"--model {args.model}: {error}")
+    try:
+        dataset = build_dataset(args.dataset, args.split, data_dir=args.data_dir, image_size=model.config.image_size,
+                                channels=model.config.channels, seed=args.seed, skip_bad_images=args.skip_bad_images)
+    except (OSError, ValueError) as error:
+        parser.error(f"--dataset {args.dataset}: {error}")
     result = {"model": args.model, "dataset": args.dataset, "split": args.split,
               **evaluate_nll(model, dataset, num_samples=args.num_samples, batch_size=args.batch_size,
                              seed=args.seed, limit=args.limit)}

@@ -15,13 +15,19 @@ import math
 import os
 import shlex
 import sys
+from pathlib import Path
 from typing import Any
+
+from accelerate import PartialState
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from nvae_hub import NVAEConfig
 from nvae_hub.data import DATASETS
 
 # isort: split
-# A module next to this script: Python puts the script's folder (train/) first on sys.path.
+# Modules next to this script: Python puts the script's folder (train/) first on sys.path.
+from options import add_threads_option, check_ranges
+from rundir import SetupError
 from trainer import train
 
 
@@ -39,6 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
                            "~/.cache/nvae_hub), the folder of images for imagefolder")
     what.add_argument("--num-workers", type=int, default=0,
                       help="data-loading worker processes (default: 0; raise it for imagefolder)")
+    what.add_argument("--skip-bad-images", action="store_true",
+                      help="imagefolder: train without the files that cannot be decoded (listed at the start) "
+                           "instead of stopping before training")
+    add_threads_option(what)
 
     how_long = parser.add_argument_group("length").add_mutually_exclusive_group(required=True)
     how_long.add_argument("--epochs", type=int, help="train for this many passes over the data")
@@ -93,33 +103,57 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Parse and check the command line."""
-    parser = build_parser()
+def parse_args(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None) -> argparse.Namespace:
+    """Parse the command line and check every option, so that a mistake is a usage error before anything runs."""
+    parser = parser or build_parser()
     args = parser.parse_args(argv)
-    positive = ["epochs", "max_steps", "batch_size", "checkpoint_every", "keep_checkpoints", "log_every",
-                "sample_every", "eval_limit"]
-    for name in positive:
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-    for name in ["lr", "lr_min", "weight_decay", "grad_clip", "skip_threshold", "num_workers", "eval_samples"]:
-        if getattr(args, name) < 0:
-            parser.error(f"--{name.replace('_', '-')} must not be negative")
+    check_ranges(parser, args, at_least_one=["epochs", "max_steps", "batch_size", "checkpoint_every",
+                                             "keep_checkpoints", "log_every", "sample_every", "eval_limit", "threads"],
+                 non_negative=["lr", "lr_min", "weight_decay", "grad_clip", "skip_threshold", "num_workers",
+                               "eval_samples"],
+                 fractions=["lr_warmup", "kl_warmup", "ema_decay"])
     if not 0 < args.beta < math.inf:
         parser.error(f"--beta must be a positive number, got {args.beta}")
-    for name in ["lr_warmup", "kl_warmup", "ema_decay"]:
-        if not 0 <= getattr(args, name) <= 1:
-            parser.error(f"--{name.replace('_', '-')} must be between 0 and 1")
+    if args.lr_min > args.lr:
+        parser.error(f"--lr-min ({args.lr_min}) must not exceed --lr ({args.lr})")
+    bad = [t for t in args.temperatures if not (math.isfinite(t) and t >= 0)]
+    if bad:
+        parser.error(f"--temperatures must be finite numbers >= 0, got {', '.join(map(str, bad))}")
+    if args.config is not None:
+        try:
+            NVAEConfig.load(args.config)
+        except (OSError, ValueError, TypeError) as error:
+            parser.error(f"--config {args.config}: {error}")
+    if args.dataset == "imagefolder" and (args.data_dir is None or not Path(args.data_dir).is_dir()):
+        parser.error(f"--dataset imagefolder needs --data-dir, an existing folder of images (got {args.data_dir})")
+    if args.resume not in (None, "latest") and not (Path(args.resume) / "state.json").is_file():
+        parser.error(f"--resume {args.resume}: not a checkpoint folder (one like OUTPUT_DIR/checkpoints/"
+                     f"step-00000500 with a state.json); give --resume alone for the newest checkpoint")
+    if args.eval_limit is not None and args.eval_samples == 0:
+        parser.error("--eval-limit needs --eval-samples")
+    if args.push_to_hub is not None:
+        try:
+            validate_repo_id(args.push_to_hub)
+        except HFValidationError as error:
+            parser.error(f"--push-to-hub: {error}")
+    elif args.private:
+        parser.error("--private needs --push-to-hub")
     return args
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Parse the command line and train; return the run's summary (empty on processes other than the main)."""
+    """Parse the command line and train; return the run's summary (empty on processes other than the main).
+
+    Mistakes in the options exit with a usage error (status 2); a run that cannot start (a locked output folder,
+    damaged checkpoints, unreadable data...) exits with its reason (status 1), both before the first step."""
     argv = sys.argv[1:] if argv is None else argv
-    args = parse_args(argv)
+    parser = build_parser()
+    args = parse_args(argv, parser)
     args.command = shlex.join([*launcher(), "train/run.py", *argv])
-    return train(args)
+    try:
+        return train(args)
+    except SetupError as error:
+        parser.exit(1, f"{parser.prog}: error: {error}\n" if PartialState().is_main_process else None)
 
 
 def launcher() -> list[str]:

@@ -34,7 +34,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
 from nvae_hub import NVAE, NVAEConfig
@@ -47,7 +47,8 @@ from nvae_hub.schedules import kl_warmup, reg_weight
 # isort: split
 # Modules next to this one: Python puts the folder of the script it runs (train/) first on sys.path.
 import plots
-from checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from checkpoint import check_config, find_resume_checkpoint, latest_checkpoint, load_checkpoint, save_checkpoint
+from rundir import SetupError, lock_output_dir, read_log, truncate_log
 
 KL_CONSTANT_FRACTION = 1e-4
 """Fraction of training at the start during which the KL weight stays at its minimum (the official code)."""
@@ -157,33 +158,44 @@ def finite_or_none(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def read_log(path: Path) -> list[dict[str, Any]]:
-    """The records of a ``log.jsonl`` file (empty if it does not exist)."""
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def truncate_log(path: Path, last_step: int) -> None:
-    """Atomically drop the records after ``last_step`` (steps that a resumed run will redo)."""
-    kept = [r for r in read_log(path) if r["step"] <= last_step]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-    os.replace(tmp, path)
-
-
 # ---------------------------------------------------------------------------------------------- training
 
 
 def train(args: argparse.Namespace) -> dict[str, Any]:
-    """Train an NVAE as the options ``args`` of ``train/run.py`` say; return the run's summary."""
+    """Train an NVAE as the options ``args`` of ``train/run.py`` say; return the run's summary.
+
+    The output folder is locked for the whole run. ``SetupError`` says why a run cannot start (the folder is in
+    use, the checkpoints are damaged or of another model, the data is unreadable...); it comes before any step.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    accelerator = Accelerator(log_with="tensorboard", project_dir=args.output_dir)
+    lock = lock_output_dir(accelerator, Path(args.output_dir))
+    try:
+        return run_training(args, accelerator)
+    finally:
+        lock.release()
+        torch.set_num_threads(threads)
+
+
+def run_training(args: argparse.Namespace, accelerator: Accelerator) -> dict[str, Any]:
+    """``train``'s work, in a locked output folder."""
     out_dir = Path(args.output_dir)
-    accelerator = Accelerator(log_with="tensorboard", project_dir=out_dir)
     main = accelerator.is_main_process
     checkpoint_dir, log_path = out_dir / "checkpoints", out_dir / "log.jsonl"
 
-    # ---- model, EMA, optimizer (the same initial weights in every process, then per-process noise)
+    # ---- resume (the checkpoint's config is compared before anything is built), or refuse to overwrite a run
     cfg = model_config(args)
+    resume_from = find_resume_checkpoint(accelerator, checkpoint_dir, args.resume) if args.resume else None
+    if resume_from is not None:
+        check_config(resume_from, cfg)
+    elif args.resume:
+        accelerator.print(f"no checkpoint in {checkpoint_dir}; starting from scratch")
+    elif latest_checkpoint(checkpoint_dir) is not None:
+        raise SetupError(f"{out_dir} already holds checkpoints; pass --resume to continue that run or choose "
+                         f"another --output-dir")
+
+    # ---- model, EMA, optimizer (the same initial weights in every process, then per-process noise)
     set_seed(args.seed)
     model = NVAE(cfg)
     ema = EMA(model, args.ema_decay)
@@ -196,8 +208,15 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     model = accelerator.unwrap_model(loss_module).model
 
     # ---- data: a step-indexed order, so a resumed run continues at the right batch
-    dataset = build_dataset(args.dataset, "train", data_dir=args.data_dir, image_size=cfg.image_size,
-                            channels=cfg.channels, seed=args.seed)
+    # Image folders are checked here, before the first step (the main process first; the others use its cache).
+    data_options = dict(data_dir=args.data_dir, image_size=cfg.image_size, channels=cfg.channels, seed=args.seed,
+                        skip_bad_images=args.skip_bad_images)
+    try:
+        with accelerator.main_process_first():
+            dataset = build_dataset(args.dataset, "train", **data_options)
+            test_set = build_dataset(args.dataset, "test", **data_options) if args.eval_samples > 0 else None
+    except (ValueError, OSError) as error:
+        raise SetupError(f"--dataset {args.dataset}: {error}") from error
     global_batch = args.batch_size * accelerator.num_processes
     steps_per_epoch = len(dataset) // global_batch
     max_steps = args.max_steps if args.max_steps is not None else args.epochs * steps_per_epoch
@@ -205,27 +224,22 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     kl_warmup_steps, kl_constant_steps = round(args.kl_warmup * max_steps), round(KL_CONSTANT_FRACTION * max_steps)
     binary = cfg.output == "bernoulli"
 
-    # ---- resume, or refuse to overwrite an earlier run
+    # ---- resume
     start_step, skipped, consecutive_skips, elapsed = 0, 0, 0, 0.0
-    if args.resume:
-        path = latest_checkpoint(checkpoint_dir) if args.resume == "latest" else Path(args.resume)
-        if path is None:
-            accelerator.print(f"no checkpoint in {checkpoint_dir}; starting from scratch")
-        else:
-            state = load_checkpoint(accelerator, path, model=model, ema=ema.module, optimizer=optimizer)
-            if NVAEConfig.from_dict(state["config"]) != cfg:
-                raise ValueError(f"{path} holds a different model config than --preset/--config ask for")
-            start_step, skipped, elapsed = state["step"], state["skipped"], state["elapsed_seconds"]
-            accelerator.print(f"resumed from {path} at step {start_step}")
-    elif latest_checkpoint(checkpoint_dir) is not None:
-        raise FileExistsError(f"{out_dir} already holds checkpoints; pass --resume to continue that run or "
-                              f"choose another --output-dir")
+    if resume_from is not None:
+        state = load_checkpoint(accelerator, resume_from, model=model, ema=ema.module, optimizer=optimizer)
+        start_step, skipped, elapsed = state["step"], state["skipped"], state["elapsed_seconds"]
+        accelerator.print(f"resumed from {resume_from} at step {start_step}")
     if main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        truncate_log(log_path, start_step)
+        note = truncate_log(log_path, start_step)
+        if note is not None:
+            accelerator.print(note)
         (out_dir / "args.json").write_text(json.dumps(vars(args), indent=1) + "\n")
-    sampler = StepBatchSampler(len(dataset), args.batch_size, accelerator.num_processes,
-                               accelerator.process_index, args.seed, start_step, max_steps)
+    try:
+        sampler = StepBatchSampler(len(dataset), args.batch_size, accelerator.num_processes,
+                                   accelerator.process_index, args.seed, start_step, max_steps)
+    except ValueError as error:
+        raise SetupError(str(error)) from error
     # A private generator: the loader must not draw from the global RNG, whose state the checkpoints carry.
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=args.num_workers,
                         generator=torch.Generator(), pin_memory=accelerator.device.type == "cuda")
@@ -319,8 +333,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     summary: dict[str, Any] = {}
     if main:
         log_file.close()
-        summary = finish(args, accelerator, cfg, ema.module, steps_per_epoch=steps_per_epoch, max_steps=max_steps,
-                         skipped=skipped, wall_time=elapsed + session_seconds,
+        summary = finish(args, accelerator, cfg, ema.module, test_set, steps_per_epoch=steps_per_epoch,
+                         max_steps=max_steps, skipped=skipped, wall_time=elapsed + session_seconds,
                          images_per_second=session_steps * global_batch / session_seconds if session_steps else None,
                          checksums=checksums)
     accelerator.end_training()
@@ -329,19 +343,19 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     return summary
 
 
-def finish(args: argparse.Namespace, accelerator: Accelerator, cfg: NVAEConfig, ema_model: NVAE, *,
+def finish(args: argparse.Namespace, accelerator: Accelerator, cfg: NVAEConfig, ema_model: NVAE,
+           test_set: Dataset[Tensor] | None, *,
            steps_per_epoch: int, max_steps: int, skipped: int, wall_time: float, images_per_second: float | None,
            checksums: list[float]) -> dict[str, Any]:
-    """After training (main process): evaluate, plot, export ``final/``, write ``summary.json``, push."""
+    """After training (main process): evaluate on ``test_set`` (if given), plot, export ``final/``, write
+    ``summary.json``, push."""
     out_dir = Path(args.output_dir)
     history = read_log(out_dir / "log.jsonl")
     tail = history[-max(1, len(history) // 10):]  # the last 10% of the steps
 
     metrics: dict[str, float] = {}
     metrics_note = ""
-    if args.eval_samples > 0:
-        test_set = build_dataset(args.dataset, "test", data_dir=args.data_dir, image_size=cfg.image_size,
-                                 channels=cfg.channels, seed=args.seed)
+    if test_set is not None:
         result = evaluate_nll(ema_model, test_set, num_samples=args.eval_samples, limit=args.eval_limit,
                               batch_size=args.batch_size, seed=args.seed)
         metrics = {"test_nll_nats": result["nll_nats"], "test_bits_per_dim": result["bits_per_dim"]}
