@@ -264,6 +264,7 @@ def test_training_stops_before_the_first_step_on_a_bad_image_or_trains_without_i
     (["--lr", "nan"], "--lr must be a number at least 0, got nan"),
     (["--lr", "1e-3", "--lr-min", "1e-2"], "--lr-min (0.01) must not exceed --lr (0.001)"),
     (["--grad-clip", "-1"], "--grad-clip must be a number at least 0"),
+    (["--weight-decay", "inf"], "--weight-decay must be a number at least 0, got inf"),
     (["--ema-decay", "1.5"], "--ema-decay must be a number between 0 and 1"),
     (["--kl-warmup", "nan"], "--kl-warmup must be a number between 0 and 1"),
     (["--threads", "0"], "--threads must be a number at least 1"),
