@@ -12,8 +12,8 @@ number generator is saved in the checkpoints, so a run resumed with ``--resume``
 weights of an uninterrupted one (on the same hardware and process count).
 
 Outputs in ``--output-dir``: ``log.jsonl`` (one record per step), ``checkpoints/``, ``samples/`` (PNG grids),
-``tensorboard/``, ``plots/`` (learning curves, KL per group), ``final/`` (the EMA model with its card) and
-``summary.json``.
+``tensorboard/``, ``plots/`` (learning curves, KL per group), ``final/`` (the EMA model with its card),
+``summary.json``, ``args.json`` and ``.lock`` (see rundir.py: the folder is locked while a run uses it).
 """
 
 from __future__ import annotations
