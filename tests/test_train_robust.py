@@ -8,6 +8,7 @@ in-process run costs no interpreter start); the lock test needs a second process
 from __future__ import annotations
 
 import io
+import json
 import os
 import signal
 import socket
@@ -110,6 +111,11 @@ def test_a_damaged_checkpoint_fails_verification_with_the_reason(tmp_path):
     ema.write_bytes(intact)
     (path / "rng-0.safetensors").unlink()
     with pytest.raises(checkpoint.CheckpointError, match=r"rng-0\.safetensors is missing"):
+        checkpoint.verify_checkpoint(path)
+    state = json.loads((path / "state.json").read_text())
+    del state["files"]
+    (path / "state.json").write_text(json.dumps(state))
+    with pytest.raises(checkpoint.CheckpointError, match=r"has no 'files' entry .* written before nvae_hub recorded"):
         checkpoint.verify_checkpoint(path)
     (path / "state.json").write_text('{"step": 1, "fi')
     with pytest.raises(checkpoint.CheckpointError, match=r"state\.json cannot be read"):

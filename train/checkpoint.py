@@ -86,7 +86,10 @@ def verify_checkpoint(path: Path) -> dict[str, Any]:
         written = {name: (int(info["size"]), str(info["sha256"])) for name, info in state["files"].items()}
         expected = ["model.safetensors", "ema.safetensors", "optimizer.safetensors",
                     *(f"rng-{rank}.safetensors" for rank in range(int(state["num_processes"])))]
-    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as error:
+    except KeyError as error:
+        raise CheckpointError(f"its state.json has no {error} entry (a damaged file, or a checkpoint written before "
+                              f"nvae_hub recorded file checksums, which cannot be verified)") from None
+    except (OSError, UnicodeDecodeError, ValueError, TypeError, AttributeError) as error:
         raise CheckpointError(f"its state.json cannot be read ({type(error).__name__}: {error})") from None
     for name in expected:
         file = path / name
