@@ -32,17 +32,16 @@ BN_BATCH_SIZE = {"full": 64, "quick": 16}
 @torch.no_grad()
 def sample_grid(model: NVAE, temperatures: tuple[float, ...], n: int, seed: int, *, readjust: bool,
                 bn_batches: int = 20, bn_batch_size: int = 64, progress: bool = False) -> dict[float, np.ndarray]:
-    """``n`` samples per temperature from the same noise (``seed``), (n, C, H, W) arrays; with ``readjust``, each
-    temperature's samples come from a copy of the model whose BatchNorm statistics were re-estimated at it."""
+    """``n`` samples per temperature from the same noise (``seed``), (n, C, H, W) arrays, from a copy of the model:
+    with ``readjust`` its BatchNorm statistics re-estimated at each temperature, else the learned ones."""
     noise = model.sample_noise(n, seed=seed)
     out = {}
     for t in tqdm(temperatures, desc="samples" + (" (BN re-estimated)" if readjust else ""), disable=not progress):
-        sampler = model
+        sampler = copy.deepcopy(model)
         if readjust:
-            sampler = copy.deepcopy(model)
             sampler.readjust_bn(t, num_batches=bn_batches, batch_size=bn_batch_size, seed=seed + 1)
         else:
-            sampler.eval()
+            sampler.forget_readjusted_bn()
         out[t] = sampler.decode_noise(noise, t).cpu().numpy()
     return out
 
