@@ -117,6 +117,9 @@ def test_json_is_deterministic_and_reruns_replace_their_section(model_dirs, tmp_
                        "--quick", "--num-images", "8") == 0
     for name in ("kl", "recon"):
         assert (first / f"{name}.json").read_text() == (second / f"{name}.json").read_text()
+        for suffix in (".json", ".png"):
+            assert (first / f"{name}{suffix}").stat().st_mode & 0o777 == 0o644  # readable like any other file
+    assert not [p.name for p in first.iterdir() if p.name.startswith(".")]  # no temporary files left
     assert analyse("kl", "--model", model_dirs["tiny"], "--dataset", "synthetic", "--output-dir", first,
                    "--quick", "--num-images", "8", "--seed", "3") == 0
     report = (first / "report.md").read_text()

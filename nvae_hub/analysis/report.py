@@ -27,6 +27,7 @@ from .common import AnalysisError, Inputs, Result
 REPORT_NAME = "report.md"
 TIMINGS_NAME = "timings.json"
 SIGNIFICANT_DIGITS = 6
+FILE_MODE = 0o644  # what open() would give; mkstemp's files are private (0o600)
 
 
 def expand(names: Sequence[str]) -> list[str]:
@@ -82,6 +83,7 @@ def write_result(name: str, result: Result, inputs: Inputs, output_dir: Path) ->
     numbers = round_numbers({"item": name, **inputs.describe(), "nvae_hub_version": __version__, **result.numbers})
     fd, tmp = tempfile.mkstemp(dir=output_dir, prefix=f".{name}.", suffix=".png")
     try:
+        os.fchmod(fd, FILE_MODE)
         with os.fdopen(fd, "wb") as f:
             result.figure.savefig(f, format="png", dpi=100)
         os.replace(tmp, output_dir / f"{name}.png")
@@ -170,6 +172,7 @@ def _read_json(path: Path) -> Any:
 def _write_atomic(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, FILE_MODE)
         with os.fdopen(fd, "w") as f:
             f.write(text)
         os.replace(tmp, path)

@@ -9,6 +9,7 @@ of each pixel over the samples, averaged over pixels).
 from __future__ import annotations
 
 import copy
+import math
 from typing import Any
 
 import numpy as np
@@ -68,7 +69,7 @@ def run(inputs: Inputs) -> Result:
         "readjusted_bn": {str(t): stats(grids[True][t]) for t in TEMPERATURES},
     }
 
-    fig = Figure(figsize=(3.2 * len(TEMPERATURES), 7.0))
+    fig = Figure(figsize=(3.2 * len(TEMPERATURES), 1.5 + 0.85 * math.ceil(n / COLUMNS)))
     axes = fig.subplots(2, len(TEMPERATURES))
     for row, readjust in enumerate((False, True)):
         for col, t in enumerate(TEMPERATURES):

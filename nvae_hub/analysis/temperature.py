@@ -63,8 +63,8 @@ def run(inputs: Inputs) -> Result:
             rows.append(list(images[s, :, i]))
             labels.append(f"sample {i}\nscale {s}" + (" (coarsest)" if s == 0 else ""))
     grid = labelled_grid(rows, row_labels=labels, column_labels=[f"T = {t}" for t in TEMPERATURES], zoom=2)
-    title = (f"One scale's temperature changed at a time (other groups at T = {BASE}); mean pixel change per scale: "
-             + ", ".join(f"scale {s}: {c:.3f}" for s, c in enumerate(change)))
+    title = (f"One scale's temperature changed at a time (other groups at T = {BASE})\nmean pixel change: "
+             + ", ".join(f"scale {s} {c:.3f}" for s, c in enumerate(change)))
     return Result(numbers, picture_figure(grid, title))
 
 
