@@ -58,9 +58,9 @@ class Normal:
         """mu + sigma * eps: a reparameterised sample for given standard-normal noise."""
         return self.mu + self.sigma * eps
 
-    def rsample(self) -> Tensor:
-        """A reparameterised sample."""
-        return self.sample_from(torch.randn_like(self.mu))
+    def rsample(self, generator: torch.Generator | None = None) -> Tensor:
+        """A reparameterised sample, its noise drawn with ``generator`` (default: torch's global one)."""
+        return self.sample_from(torch.empty_like(self.mu).normal_(generator=generator))
 
     def log_prob(self, z: Tensor) -> Tensor:
         """Elementwise log-density."""

@@ -308,12 +308,12 @@ class NVAE(
         return self.likelihood(params).log_prob(x).flatten(1).sum(dim=1)
 
     def _posterior_pass(
-        self, x: Tensor, use_mean: bool = False, repeats: int = 1
+        self, x: Tensor, use_mean: bool = False, repeats: int = 1, generator: torch.Generator | None = None
     ) -> tuple[Tensor, list[Tensor], list[GroupPosterior], list[Normal]]:
         """Encode ``x`` and decode its posterior samples (or means), ``repeats`` samples per image (consecutive
-        in the batch; the bottom-up pass runs once per image). With flows, each sample (or mean) is pushed
-        through its group's flows. Returns the output parameters, the zs and the posterior and prior of every
-        group."""
+        in the batch; the bottom-up pass runs once per image; ``generator`` draws the samples). With flows, each
+        sample (or mean) is pushed through its group's flows. Returns the output parameters, the zs and the
+        posterior and prior of every group."""
         features = self._bottom_up(x)
         if repeats > 1:
             features = [f.repeat_interleave(repeats, dim=0) for f in features]
@@ -323,7 +323,7 @@ class NVAE(
 
         def choose_z(g: int, s: Tensor, prior: Normal) -> Tensor:
             q = self._posterior(g, features[g], s, prior)
-            z0 = q.mu if use_mean else q.rsample()
+            z0 = q.mu if use_mean else q.rsample(generator)
             z, log_det = self.flows[g](z0) if self.flows else (z0, None)
             zs.append(z)
             posteriors.append(GroupPosterior(q, z0, z, log_det))
@@ -545,9 +545,12 @@ class NVAE(
     # ================================================================== evaluation
     @torch.no_grad()
     @in_eval_mode
-    def nll(self, x: Tensor, num_samples: int = 100, chunk_size: int = 256) -> Tensor:
+    def nll(self, x: Tensor, num_samples: int = 100, chunk_size: int = 256,
+            generator: torch.Generator | None = None) -> Tensor:
         """Importance-weighted estimate of -log p(x) in nats, shape (N,), with ``num_samples`` posterior samples
-        (K=1 gives the negative ELBO estimate). Work is done ``chunk_size`` images at a time."""
+        (K=1 gives the negative ELBO estimate). Work is done ``chunk_size`` images at a time. The samples are
+        drawn with ``generator`` (default: torch's global one); a generator of one's own gives the same estimate
+        every time, whatever else runs."""
         if not isinstance(num_samples, int) or num_samples < 1:
             raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
         self._check_images(x)
@@ -555,7 +558,7 @@ class NVAE(
         out = []
         for xb in x.split(per_chunk):
             xk = xb.repeat_interleave(num_samples, dim=0)
-            params, _, posteriors, priors = self._posterior_pass(xb, repeats=num_samples)
+            params, _, posteriors, priors = self._posterior_pass(xb, repeats=num_samples, generator=generator)
             log_w = self._log_likelihood(params, xk)
             for q, p in zip(posteriors, priors, strict=True):  # log p(z) - log q(z|x), at the flowed z
                 log_w = log_w + (p.log_prob(q.z) - q.log_prob()).flatten(1).sum(dim=1)
@@ -563,10 +566,10 @@ class NVAE(
             out.append(math.log(num_samples) - torch.logsumexp(log_w, dim=1))
         return torch.cat(out)
 
-    def bits_per_dim(self, x: Tensor, num_samples: int = 100) -> Tensor:
+    def bits_per_dim(self, x: Tensor, num_samples: int = 100, generator: torch.Generator | None = None) -> Tensor:
         """``nll`` in bits per dimension (real pixels x channels only), shape (N,)."""
         dims = self.config.channels * self.config.image_size**2
-        return self.nll(x, num_samples) / (dims * math.log(2))
+        return self.nll(x, num_samples, generator=generator) / (dims * math.log(2))
 
     # ================================================================== Hub mixin hooks
     def _save_pretrained(self, save_directory: Path, training: TrainingInfo | None = None) -> None:
