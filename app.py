@@ -7,9 +7,12 @@ images and see what each scale of the latent hierarchy controls.
 
 Reading guide. ``Explorer`` loads the model and picks the runtime that generates images: onnxruntime on an ONNX
 export when one can be found or made (``find_onnx_export``), else PyTorch (``TorchEngine``). It has one method
-per button of the page; each checks its inputs (raising ``InputError``, a ``gr.Error`` shown in the page), runs
-the model and returns PNG-ready pictures and a line of Markdown. ``build_app`` lays out the page and wires the
-buttons to those methods; ``launch`` serves it with the app's limits; ``main`` parses the command line.
+per button of the page; each checks its raw inputs (raising ``InputError``, a ``gr.Error`` shown in the page),
+runs the model and returns PNG-ready pictures and a line of Markdown. The app runs in public, so every request is
+treated as hostile: images are opened only from files Gradio received as uploads or the app ships (``AppFiles``,
+``open_image``), and ``PublicBlocks`` checks each request before Gradio touches the files it names. ``build_app``
+lays out the page and wires the buttons to those methods; ``launch`` serves it with the app's limits; ``main``
+parses the command line and checks the port before the model loads.
 Importing this file does no heavy work, so it also serves as a Hugging Face Space's ``app.py``.
 """
 
@@ -17,22 +20,27 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import html
 import itertools
 import logging
 import math
 import os
+import reprlib
 import shutil
+import socket
 import tempfile
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
 import gradio as gr
 import numpy as np
 import torch
+from gradio.exceptions import InvalidPathError
 from PIL import Image, ImageOps, UnidentifiedImageError
+from pydantic import ValidationError
 
 from nvae_hub import NVAE, load_pretrained
 from nvae_hub.data import cache_root, image_to_tensor, mnist_arrays
@@ -154,7 +162,7 @@ def load_onnx_engine(export_dir: Path, model: NVAE) -> tuple[Engine, str]:
     return engine, f"onnxruntime {ort.__version__} ({engine.provider})"
 
 
-# ====================================================================== reading images
+# ====================================================================== files and images
 class InputError(gr.Error):
     """A problem with what the user gave, shown in the page (and not logged as a crash)."""
 
@@ -162,39 +170,77 @@ class InputError(gr.Error):
         super().__init__(message, print_exception=False)
 
 
-def open_image(value: Any) -> Image.Image:
-    """The image of an upload (a Gradio file payload, a path or a PIL image), decoded and upright. Raises
-    ``InputError`` with a message for the page when there is none, it is not an image, is corrupt or too big."""
-    if value is None or value == "":
-        raise InputError("No image given: upload or paste one, draw one, or pick an example.")
-    if isinstance(value, Image.Image):
-        image = value
-    else:
-        path = value.get("path") if isinstance(value, dict) else value
-        name = (value.get("orig_name") if isinstance(value, dict) else None) or Path(str(path)).name
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit comes next
-                image = Image.open(path)
-        except Image.DecompressionBombError as error:
-            raise InputError(f"{name} is far too large: {error}. The limit is {MAX_SIDE} pixels per side and "
-                           f"{MAX_PIXELS / 1e6:g} megapixels.") from error
-        except UnidentifiedImageError as error:
-            raise InputError(f"{name} is not an image that can be read (PNG, JPEG, WebP, GIF, BMP, TIFF, ...)."
-                           ) from error
-        except OSError as error:
-            raise InputError(f"Cannot read {name}: {error}") from error
-    width, height = image.size
-    if max(width, height) > MAX_SIDE or width * height > MAX_PIXELS:
-        raise InputError(f"The image is {width}x{height} pixels, too large: the limit is {MAX_SIDE} pixels per "
-                       f"side and {MAX_PIXELS / 1e6:g} megapixels. Please make it smaller.")
-    if width == 0 or height == 0:
-        raise InputError("The image is empty (0 pixels).")
+# The one answer for every file the app may not open, whether or not it exists: nothing about it is looked up.
+NOT_AN_UPLOAD = ("This app opens only files uploaded to it and its own examples: upload the image (or pick an "
+                 "example) and try again.")
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")  # what PIL may decode (no EPS, no PDF, ...)
+
+
+def shown(value: Any) -> str:
+    """A short, HTML-safe repr of a value someone sent, for a message (Gradio shows messages as HTML)."""
+    return html.escape(reprlib.repr(value), quote=False)
+
+
+class AppFiles:
+    """The files the app may open: the uploads Gradio received (its own set of uploaded paths, which
+    ``PublicBlocks`` attaches as ``uploads``) and the files the app ships (``ship``: its examples and Gradio's
+    cached copies of them). A path is compared as given, before anything touches the file system, so a refused
+    path gets the same answer whether or not it exists."""
+
+    def __init__(self) -> None:
+        self.uploads: Collection[str] = frozenset()
+        self.shipped: set[str] = set()
+
+    def ship(self, *paths: str) -> None:
+        """Let the app open these files of its own."""
+        self.shipped.update(paths)
+
+    def __contains__(self, path: object) -> bool:
+        return isinstance(path, str) and (path in self.shipped or path in self.uploads)
+
+    def path_of(self, payload: Any) -> str:
+        """The path of a Gradio file payload (``{"path": ..., "meta": {"_type": "gradio.FileData"}}``) that the
+        app may open; else ``InputError(NOT_AN_UPLOAD)``."""
+        path = payload.get("path") if isinstance(payload, dict) else None
+        if path not in self:
+            raise InputError(NOT_AN_UPLOAD)
+        return path
+
+
+def open_image(payload: Any, files: AppFiles, what: str | None = None) -> Image.Image:
+    """The image of an upload (a Gradio file payload naming a file in ``files``), decoded and upright. Raises
+    ``InputError`` with a message for the page when there is none, the file may not be opened, is empty, not an
+    image, corrupt or too big. ``what`` names the image in messages (default: the uploaded file's name)."""
+    if payload is None:
+        raise InputError(f"No image given{f' for {what}' if what else ''}: upload or paste one, or pick an example.")
+    path = files.path_of(payload)
+    name = what or html.escape(Path(str(payload.get("orig_name") or path)).name[:100], quote=False)
     try:
-        image.load()  # decode now, so that a truncated or corrupt file fails here
-        return ImageOps.exif_transpose(image)
-    except (OSError, ValueError, EOFError, SyntaxError) as error:
-        raise InputError(f"The image file is corrupt or truncated and cannot be decoded ({error}).") from error
+        if os.path.getsize(path) == 0:
+            raise InputError(f"{name} is an empty file (0 bytes), not an image.")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit comes next
+            image = Image.open(path, formats=IMAGE_FORMATS)
+    except Image.DecompressionBombError as error:
+        raise InputError(f"{name} is far too large: {error}. The limit is {MAX_SIDE} pixels per side and "
+                         f"{MAX_PIXELS / 1e6:g} megapixels.") from error
+    except UnidentifiedImageError as error:
+        raise InputError(f"{name} is not an image that can be read ({', '.join(IMAGE_FORMATS)}).") from error
+    except OSError as error:
+        raise InputError(f"Cannot read {name}: {error.strerror or error}") from error
+    with image:
+        width, height = image.size
+        if max(width, height) > MAX_SIDE or width * height > MAX_PIXELS:
+            raise InputError(f"{name} is {width}x{height} pixels, too large: the limit is {MAX_SIDE} pixels per "
+                             f"side and {MAX_PIXELS / 1e6:g} megapixels. Please make it smaller.")
+        if width == 0 or height == 0:
+            raise InputError(f"{name} is empty (0 pixels).")
+        try:
+            image.load()  # decode now, so that a truncated or corrupt file fails here
+            return ImageOps.exif_transpose(image)  # a copy, so the file can be closed
+        except (OSError, ValueError, EOFError, SyntaxError, Image.DecompressionBombError) as error:
+            raise InputError(f"{name} is corrupt or truncated and cannot be decoded ({shown(str(error))})."
+                             ) from error
 
 
 # ====================================================================== small helpers
@@ -208,15 +254,21 @@ def scale_label(scale: int, num_scales: int, side: int) -> str:
 
 
 def number(value: Any, name: str, low: float, high: float, integer: bool = False) -> float:
-    """``value`` as a number in [low, high] (an int if ``integer``), else ``InputError`` naming it."""
-    try:
-        result = float(value)
-    except (TypeError, ValueError):
-        raise InputError(f"{name} must be a number, got {value!r}.") from None
-    if not (math.isfinite(result) and low <= result <= high) or (integer and result != int(result)):
+    """``value`` (an int or a float, as JSON has them) as a number in [low, high] (an int if ``integer``), else
+    ``InputError`` naming it."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InputError(f"{name} must be a number, got {shown(value)}.")
+    if not (low <= value <= high) or (integer and value != int(value)):  # NaN fails every comparison
         kind = "a whole number" if integer else "a number"
-        raise InputError(f"{name} must be {kind} from {low:g} to {high:g}, got {value!r}.")
-    return int(result) if integer else result
+        raise InputError(f"{name} must be {kind} from {low:g} to {high:g}, got {shown(value)}.")
+    return int(value) if integer else float(value)
+
+
+def flag(value: Any, name: str) -> bool:
+    """``value`` if it is true or false, else ``InputError`` naming it."""
+    if not isinstance(value, bool):
+        raise InputError(f"{name} must be true or false, got {shown(value)}.")
+    return value
 
 
 def elapsed_ms(start: float) -> str:
@@ -230,12 +282,12 @@ class Explorer:
 
     ``runtime`` is 'auto' (onnxruntime if an export can be found or made, else PyTorch), 'onnx' (fail if it
     cannot be used) or 'torch'. Bits per dimension are always computed with PyTorch, with ``bpd_samples``
-    importance samples.
+    importance samples. The methods take images as Gradio file payloads and open only those in ``files``.
     """
 
     def __init__(self, model_name_or_path: str, onnx_dir: str | os.PathLike | None = None, *,
                  runtime: str = "auto", cache_dir: str | os.PathLike | None = None,
-                 bpd_samples: int = BPD_SAMPLES) -> None:
+                 bpd_samples: int = BPD_SAMPLES, files: AppFiles | None = None) -> None:
         if runtime not in RUNTIMES:
             raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
         self.name = str(model_name_or_path)
@@ -268,6 +320,7 @@ class Explorer:
                 self.runtime_note = f"onnxruntime is not used: {type(error).__name__}: {error}"
                 logger.warning("falling back to PyTorch; %s", self.runtime_note)
         self.examples, self.examples_source = self._write_examples()
+        self.files = files if files is not None else AppFiles()
 
     # ------------------------------------------------------------------ model-space images and latents
     def noise(self, n: int, seed: int) -> list[np.ndarray]:
@@ -301,18 +354,25 @@ class Explorer:
             steps.append(f"quantised to {cfg.num_bits} bits")
         return x, " → ".join(steps)
 
-    def read(self, value: Any, invert: bool = False) -> tuple[np.ndarray, str]:
-        """``to_model_space(open_image(value))``."""
-        return self.to_model_space(open_image(value), invert)
+    def read(self, payload: Any, invert: bool = False, what: str | None = None) -> tuple[np.ndarray, str]:
+        """``to_model_space(open_image(payload))``."""
+        return self.to_model_space(open_image(payload, self.files, what), invert)
+
+    def check_upload(self, payload: Any) -> None:
+        """Raise ``InputError`` if an upload cannot be used (when it arrives, before any button is pressed)."""
+        if payload is not None:
+            self.read(payload)
 
     def temperatures(self, temperature: Any, override: bool, scale_temperatures: Sequence[Any]) -> list[float]:
-        """One temperature per group: ``temperature`` everywhere, or with ``override`` the one of its scale."""
-        if not override:
-            return [number(temperature, "The temperature", 0, MAX_TEMPERATURE)] * len(self.scale_of_group)
-        if len(scale_temperatures) != self.num_scales:
-            raise InputError(f"Expected {self.num_scales} per-scale temperatures, got {len(scale_temperatures)}.")
+        """One temperature per group: ``temperature`` everywhere, or with ``override`` the one of its scale (all
+        are checked, used or not)."""
+        temperature = number(temperature, "The temperature", 0, MAX_TEMPERATURE)
         per_scale = [number(t, f"The temperature of scale {s}", 0, MAX_TEMPERATURE)
                      for s, t in enumerate(scale_temperatures)]
+        if not flag(override, "Use per-scale temperatures"):
+            return [temperature] * len(self.scale_of_group)
+        if len(per_scale) != self.num_scales:
+            raise InputError(f"Expected {self.num_scales} per-scale temperatures, got {len(per_scale)}.")
         return [per_scale[s] for s in self.scale_of_group]
 
     def _write_examples(self) -> tuple[list[str], str]:
@@ -364,26 +424,32 @@ class Explorer:
     # ------------------------------------------------------------------ Reconstruct
     def reconstruct(self, image: Any, invert: bool = False) -> tuple[Image.Image, Image.Image, str]:
         """The uploaded image as the model sees it, its reconstruction and its bits per dimension."""
-        x, conversion = self.read(image, bool(invert))
+        x, conversion = self.read(image, flag(invert, "Invert colours"))
         return self._reconstruct(x, conversion)
 
-    def reconstruct_drawing(self, sketch: dict[str, Any] | None, invert: bool = True) -> tuple[Image.Image,
-                                                                                                Image.Image, str]:
-        """``reconstruct`` for a drawing (Gradio's sketchpad value, whose 'composite' is the picture)."""
+    def reconstruct_drawing(self, sketch: Any, invert: bool = True) -> tuple[Image.Image, Image.Image, str]:
+        """``reconstruct`` for a drawing: Gradio's sketchpad value, a dict whose 'composite' is the picture."""
+        invert = flag(invert, "Invert colours")
+        if sketch is not None and not isinstance(sketch, dict):
+            raise InputError(f"The drawing must be a sketchpad value (a dict with a 'composite' image), got "
+                             f"{shown(sketch)}.")
         composite = (sketch or {}).get("composite")
-        if composite is None or composite.convert("L").getextrema()[0] == composite.convert("L").getextrema()[1]:
+        if composite is None:
             raise InputError("The drawing is empty: draw something first.")
-        x, conversion = self.read(composite, bool(invert))
-        return self._reconstruct(x, conversion)
+        picture = open_image(composite, self.files, what="The drawing")
+        low, high = picture.convert("L").getextrema()
+        if low == high:
+            raise InputError("The drawing is empty: draw something first.")
+        return self._reconstruct(*self.to_model_space(picture, invert))
 
     def _reconstruct(self, x: np.ndarray, conversion: str) -> tuple[Image.Image, Image.Image, str]:
         start = time.perf_counter()
         reconstruction = self.engine.decode(self.engine.encode(x[None]))[0]
         took = elapsed_ms(start)
         start = time.perf_counter()
-        with torch.random.fork_rng(devices=[]):  # the same estimate for the same image, every time
-            torch.manual_seed(0)
-            bpd = self.model.bits_per_dim(torch.from_numpy(x[None]).to(self.model.device), self.bpd_samples)
+        # A generator of this request's own: the same image gets the same estimate, whatever else runs meanwhile.
+        generator = torch.Generator(self.model.device).manual_seed(0)
+        bpd = self.model.bits_per_dim(torch.from_numpy(x[None]).to(self.model.device), self.bpd_samples, generator)
         bpd_took = elapsed_ms(start)
         message = (f"**{float(bpd[0]):.4f} bits/dim** (importance-weighted estimate of -log2 p(x) per pixel and "
                    f"channel with K={self.bpd_samples} posterior samples, PyTorch, {bpd_took}). "
@@ -394,8 +460,8 @@ class Explorer:
     # ------------------------------------------------------------------ Swap and interpolate
     def _encode_pair(self, image_a: Any, image_b: Any) -> list[np.ndarray]:
         """The posterior means of A and B, one array (2, C, H, W) per group."""
-        x_a, _ = self.read(image_a)
-        x_b, _ = self.read(image_b)
+        x_a, _ = self.read(image_a, what="Image A")
+        x_b, _ = self.read(image_b, what="Image B")
         return self.engine.encode(np.stack([x_a, x_b]))
 
     def swap(self, image_a: Any, image_b: Any, *choices: str) -> tuple[Image.Image, Image.Image, str]:
@@ -511,34 +577,117 @@ class AnalysisGallery:
     def show(self, name: Any) -> tuple[Any, ...]:
         """The key numbers and figures of bundled model ``name``."""
         if not isinstance(name, str) or name not in self.models:
-            raise gr.Error(f"no analyses for that model; choose one of: {', '.join(self.models)}")
+            raise InputError(f"No analyses for {shown(name)}; choose one of: {', '.join(self.models)}.")
         text, figures = self.models[name]
         return (text, *figures)
 
 
 # ====================================================================== the page
+FILE_PAYLOAD = '{"path": ..., "meta": {"_type": "gradio.FileData"}}'
+
+
+def input_name(component: Any) -> str:
+    """How a message names an input component: its label, else its kind."""
+    return getattr(component, "label", None) or type(component).__name__
+
+
+def file_payloads(value: Any) -> Iterator[dict[str, Any]]:
+    """Every dict with a 'path' key inside a JSON value: whatever Gradio or a handler could take for a file."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            if "path" in item:
+                yield item
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+
+
+def check_request(endpoint: str, components: Sequence[Any], inputs: Sequence[Any], files: AppFiles) -> None:
+    """Refuse the raw inputs of an API request to ``endpoint`` before Gradio acts on them: the wrong number of
+    inputs, any file payload naming a file that is not in ``files``, or an image input that is no file payload."""
+    if len(inputs) != len(components):
+        names = ", ".join(input_name(component) for component in components)
+        raise InputError(f"{endpoint} takes {len(components)} inputs ({names}), got {len(inputs)}.")
+    for component, value in zip(components, inputs, strict=True):
+        for payload in file_payloads(value):
+            files.path_of(payload)
+        if value is None or isinstance(value, dict):
+            continue
+        if isinstance(component, gr.Image):
+            raise InputError(f"{input_name(component)} must be an uploaded image {FILE_PAYLOAD} or null, got "
+                             f"{shown(value)}.")
+        if isinstance(component, gr.ImageEditor):  # the sketchpad
+            raise InputError(f"{input_name(component)} must be a sketchpad value (a dict with a 'composite' image) "
+                             f"or null, got {shown(value)}.")
+
+
+class PublicBlocks(gr.Blocks):
+    """``gr.Blocks`` for a server open to anyone. The handlers get their inputs raw (``preprocess=False``) and
+    check them; but Gradio reads a request's inputs before any handler runs: it may copy or download the files
+    they name, and it answers what it refuses with a bare "error". So ``check_request`` runs first (the plain
+    ``NOT_AN_UPLOAD`` for any file not in ``files``, before anything is opened, copied or downloaded), and
+    whatever Gradio still cannot read is answered with a message naming the endpoint."""
+
+    def __init__(self, files: AppFiles, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.files = files
+        files.uploads = self.upload_file_set  # the paths of the files that Gradio's upload route received
+
+    async def preprocess_data(self, block_fn: Any, inputs: list[Any], state: Any, explicit_call: bool = False
+                              ) -> list[Any]:
+        """Gradio's ``Blocks.preprocess_data`` after ``check_request``, with readable errors."""
+        endpoint = f"/{block_fn.api_name or block_fn.name}"
+        check_request(endpoint, block_fn.inputs, inputs, self.files)
+        try:
+            return await super().preprocess_data(block_fn, inputs, state, explicit_call)
+        except gr.Error:
+            raise
+        except InvalidPathError as error:  # a path Gradio will not take either
+            raise InputError(NOT_AN_UPLOAD) from error
+        except Exception as error:  # e.g. a field of a file payload with the wrong type
+            reason = error.errors()[0] if isinstance(error, ValidationError) else None
+            detail = f"{'.'.join(map(str, reason['loc']))}: {reason['msg']}" if reason else type(error).__name__
+            raise InputError(f"{endpoint} cannot read its inputs ({shown(detail)}). Each input must have the form "
+                             f"that /gradio_api/info describes.") from error
+
+
 def build_app(model_name_or_path: str, onnx_dir: str | os.PathLike | None = None, *, runtime: str = "auto",
               cache_dir: str | os.PathLike | None = None, bpd_samples: int = BPD_SAMPLES,
               analyses_dir: Path = ANALYSES_DIR) -> gr.Blocks:
     """Load the model (see ``Explorer``) and lay out the page: tabs Sample, Reconstruct, Swap scales, Explore
     scales and Analyses (of the bundled models, from ``analyses_dir``). Every button has an ``api_name`` so that
     ``gradio_client`` can call it too."""
-    ex = Explorer(model_name_or_path, onnx_dir, runtime=runtime, cache_dir=cache_dir, bpd_samples=bpd_samples)
+    files = AppFiles()
+    ex = Explorer(model_name_or_path, onnx_dir, runtime=runtime, cache_dir=cache_dir, bpd_samples=bpd_samples,
+                  files=files)
     gallery = AnalysisGallery(analyses_dir)
     png = {"format": "png", "type": "pil", "interactive": False, "buttons": ["download", "fullscreen"]}
     single = {**png, "elem_classes": "pixelated", "height": 220}  # one image, not a grid
 
     def upload(label: str, elem_id: str, value: str | None = None) -> gr.Image:
-        # type="filepath" with preprocess=False below: the handlers decode files themselves, to explain problems
-        return gr.Image(value=value, label=label, type="filepath", image_mode=None, sources=["upload", "clipboard"],
-                        elem_id=elem_id, elem_classes="pixelated", height=220)
+        # The handlers get the raw file payload (preprocess=False below) and decode it themselves, to explain
+        # problems. A file that is no usable image is refused when it arrives, so no broken picture stays.
+        box = gr.Image(value=value, label=label, type="filepath", image_mode=None, sources=["upload", "clipboard"],
+                       elem_id=elem_id, elem_classes="pixelated", height=220)
+        box.upload(ex.check_upload, box, None, preprocess=False, api_visibility="private").failure(
+            lambda: None, None, box, queue=False, api_visibility="private")
+        return box
+
+    def listen(event: Callable[..., Any], fn: Callable[..., Any], inputs: list[gr.Component],
+               outputs: list[gr.Component], api_name: str) -> None:
+        # An event (e.g. a button's click) runs fn on the raw inputs (fn checks them); when a call fails, its
+        # outputs are cleared, so that no earlier result stays on the page under the error.
+        event(fn, inputs, outputs, api_name=api_name, preprocess=False).failure(
+            lambda: [None] * len(outputs), None, outputs, queue=False, api_visibility="private")
 
     def scale_temperature_sliders() -> list[gr.Slider]:
         return [gr.Slider(0, MAX_TEMPERATURE, value=DEFAULT_TEMPERATURE, step=0.05,
                           label=f"{label}, {n} group{'s' if n > 1 else ''}")
                 for label, n in zip(ex.scale_labels, ex.groups_per_scale, strict=True)]
 
-    with gr.Blocks(title=f"NVAE explorer: {ex.name}", analytics_enabled=False) as demo:
+    with PublicBlocks(files, title=f"NVAE explorer: {ex.name}", analytics_enabled=False) as demo:
         gr.Markdown(f"# NVAE explorer\nA deep hierarchical VAE ([Vahdat & Kautz, NeurIPS 2020]"
                     f"(https://arxiv.org/abs/2007.03898)): its latents form groups at several spatial scales, "
                     f"from coarse (global structure) to fine (details).\n\n{ex.describe()}")
@@ -563,7 +712,8 @@ def build_app(model_name_or_path: str, onnx_dir: str | os.PathLike | None = None
                         image = upload("Image (any size or mode)", "reconstruct-input", ex.examples[0])
                         invert = gr.Checkbox(label="Invert colours first (for dark strokes on a light background)")
                         reconstruct_button = gr.Button("Reconstruct", variant="primary")
-                        gr.Examples([[p] for p in ex.examples], inputs=[image], label=f"Examples: {ex.examples_source}")
+                        gr.Examples([[p] for p in ex.examples], inputs=[image], label=f"Examples: {ex.examples_source}",
+                                    elem_id="reconstruct-examples")
                     with gr.Tab("Draw"):
                         gr.Markdown("Pick the brush left of the canvas, draw, then reconstruct.")
                         sketch = gr.Sketchpad(type="pil", image_mode="L", canvas_size=(280, 280), fixed_canvas=True,
@@ -578,7 +728,7 @@ def build_app(model_name_or_path: str, onnx_dir: str | os.PathLike | None = None
                         converted = gr.Image(label="Converted input (what the model sees)", elem_id="converted",
                                              **single)
                         reconstruction = gr.Image(label="Reconstruction", elem_id="reconstruction", **single)
-                    reconstruct_info = gr.Markdown()
+                    reconstruct_info = gr.Markdown(elem_id="reconstruct-info")
 
             with gr.Tab("Swap scales", id="swap"):
                 gr.Markdown("Encode A and B, then decode A's latents with some scales taken from B: the coarse "
@@ -626,24 +776,24 @@ def build_app(model_name_or_path: str, onnx_dir: str | os.PathLike | None = None
                     analysis_numbers = gr.Markdown(text)
                     analysis_figures = [gr.Image(value=figure, label=title, **png)
                                         for figure, title in zip(figures, ANALYSIS_FIGURES.values(), strict=True)]
-                    analysed.change(gallery.show, [analysed], [analysis_numbers, *analysis_figures],
-                                    api_name="analyses")
+                    listen(analysed.change, gallery.show, [analysed], [analysis_numbers, *analysis_figures],
+                           "analyses")
                 else:
                     gr.Markdown("No analyses of the bundled models were found: `make analysis` computes them.")
 
-        sample_button.click(ex.sample, [temperature, count, seed, override, *scale_temperatures],
-                            [samples, sample_info], api_name="sample")
-        # preprocess=False: the handlers get the uploaded files' paths and decode them with clear errors.
-        reconstruct_button.click(ex.reconstruct, [image, invert], [converted, reconstruction, reconstruct_info],
-                                 api_name="reconstruct", preprocess=False)
-        sketch_button.click(ex.reconstruct_drawing, [sketch, invert_sketch],
-                            [converted, reconstruction, reconstruct_info], api_name="reconstruct_drawing")
-        swap_button.click(ex.swap, [image_a, image_b, *choices], [swapped, swap_table, swap_info],
-                          api_name="swap", preprocess=False)
-        interpolate_button.click(ex.interpolate, [image_a, image_b, steps], [interpolation, interpolate_info],
-                                 api_name="interpolate", preprocess=False)
-        explore_button.click(ex.explore, [explore_temperature, explore_seed, variations], [explored, explore_info],
-                             api_name="explore")
+        listen(sample_button.click, ex.sample, [temperature, count, seed, override, *scale_temperatures],
+               [samples, sample_info], "sample")
+        listen(reconstruct_button.click, ex.reconstruct, [image, invert], [converted, reconstruction, reconstruct_info],
+               "reconstruct")
+        listen(sketch_button.click, ex.reconstruct_drawing, [sketch, invert_sketch],
+               [converted, reconstruction, reconstruct_info], "reconstruct_drawing")
+        listen(swap_button.click, ex.swap, [image_a, image_b, *choices], [swapped, swap_table, swap_info], "swap")
+        listen(interpolate_button.click, ex.interpolate, [image_a, image_b, steps],
+               [interpolation, interpolate_info], "interpolate")
+        listen(explore_button.click, ex.explore, [explore_temperature, explore_seed, variations],
+               [explored, explore_info], "explore")
+        # The page shows the examples from Gradio's cached copies: those are the app's own files too.
+        files.ship(*(demo.move_resource_to_block_cache(path) for path in ex.examples))
     # A burst of visitors waits in line: two requests run at a time, 32 more may queue.
     demo.queue(default_concurrency_limit=2, max_size=32)
     return demo
@@ -657,7 +807,7 @@ def launch(demo: gr.Blocks, host: str | None = None, port: int | None = None, sh
                 prevent_thread_lock=not block)
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     """The command line; defaults come from NVAE_MODEL, GRADIO_SERVER_NAME and GRADIO_SERVER_PORT when set (as
     on a Hugging Face Space)."""
     parser = argparse.ArgumentParser(description="Explore a pretrained NVAE in the browser.")
@@ -671,17 +821,51 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="auto: onnxruntime when possible, else PyTorch (default)")
     parser.add_argument("--cache-dir", default=None, help="for the ONNX export (default: $NVAE_HUB_CACHE or "
                                                           "~/.cache/nvae_hub)")
-    parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME") or "127.0.0.1")
-    parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT") or 7860))
+    parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME") or "127.0.0.1",
+                        help="the address to serve on (default: $GRADIO_SERVER_NAME or 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT") or 7860),
+                        help="the port to serve on (default: $GRADIO_SERVER_PORT or 7860)")
     parser.add_argument("--share", action="store_true", help="also serve through a public gradio.live link")
-    return parser.parse_args(argv)
+    return parser
+
+
+def can_serve(host: str, port: int) -> str | None:
+    """None if a server can listen on ``host``:``port`` now, else why not (as Gradio checks it, by binding)."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))
+    except (OSError, OverflowError) as error:
+        return str(getattr(error, "strerror", None) or error)
+    return None
+
+
+def setup_logging() -> None:
+    """Show nvae_hub's own messages (INFO and up) on stderr. Other libraries' loggers are left alone (Python
+    shows only their warnings and errors), so the ONNX exporter's INFO lines stay out of the log."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
+    package = logging.getLogger("nvae_hub")
+    package.setLevel(logging.INFO)
+    package.addHandler(handler)
+    package.propagate = False  # shown once, by this handler, whatever the root logger has
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Parse the command line, load the model and serve the app until interrupted."""
-    args = parse_args(argv)
+    """Parse the command line, check that the port is free (before the slow model load), load the model and serve
+    the app until interrupted."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    problem = can_serve(args.host, args.port)
+    if problem is not None:
+        free = next((p for p in range(args.port + 1, min(args.port + 100, 65536)) if can_serve(args.host, p) is None),
+                    None)
+        suggestion = f", e.g. --port {free}" if free else ""
+        parser.error(f"cannot serve on {args.host}:{args.port} ({problem}); is the app already running there? "
+                     f"Choose another port with --port{suggestion}.")
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    setup_logging()
     demo = build_app(args.model, args.onnx_dir, runtime=args.runtime, cache_dir=args.cache_dir)
     launch(demo, args.host, args.port, args.share)
 

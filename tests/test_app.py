@@ -122,9 +122,10 @@ def test_per_scale_temperatures_override_the_temperature(served):
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    ((0.7, 0, 0, False, 0.7, 0.7), "Value 0 is less than minimum value 1"),  # Gradio checks the sliders' ranges
-    ((5.0, 4, 0, False, 0.7, 0.7), "Value 5.0 is greater than maximum value 1.2"),
-    ((0.7, 4, 0, True, 0.7, -1.0), "Value -1.0 is less than minimum value 0"),
+    ((0.7, 0, 0, False, 0.7, 0.7), "The number of images must be a whole number from 1 to 64, got 0."),
+    ((5.0, 4, 0, False, 0.7, 0.7), "The temperature must be a number from 0 to 1.2, got 5.0."),
+    ((0.7, 4, 0, True, 0.7, -1.0), "The temperature of scale 1 must be a number from 0 to 1.2, got -1.0."),
+    ((0.7, 4, 1.5, False, 0.7, 0.7), "The seed must be a whole number from 0 to 4.29497e"),
 ])
 def test_sample_refuses_bad_numbers(served, args, message):
     with pytest.raises(AppError, match=message):
@@ -186,7 +187,7 @@ def bad_input(kind: str, folder: Path) -> str | None:
 BAD_INPUTS = {
     "none": "No image given",
     "text": "notes.txt is not an image that can be read",
-    "zero-bytes": "zero-bytes.png is not an image that can be read",
+    "zero-bytes": "zero-bytes.png is an empty file",
     "corrupt": "corrupt or truncated",
     "too-wide": f"is {app.MAX_SIDE + 1}x8 pixels, too large: the limit is {app.MAX_SIDE} pixels per side",
     "too-many-pixels": "too large: the limit is 4096 pixels per side and 16 megapixels",
@@ -316,13 +317,13 @@ def test_command_line(monkeypatch):
     monkeypatch.delenv("NVAE_MODEL", raising=False)
     monkeypatch.delenv("GRADIO_SERVER_NAME", raising=False)
     monkeypatch.delenv("GRADIO_SERVER_PORT", raising=False)
-    args = app.parse_args([])
+    args = app.build_parser().parse_args([])
     assert (args.model, args.host, args.port, args.share, args.onnx_dir, args.runtime) == (
         "mnist", "127.0.0.1", 7860, False, None, "auto")
     monkeypatch.setenv("NVAE_MODEL", "user/repo")
-    assert app.parse_args([]).model == "user/repo"
-    args = app.parse_args(["--model", "folder", "--onnx-dir", "out", "--host", "0.0.0.0", "--port", "9000",
-                           "--share", "--runtime", "torch"])
+    assert app.build_parser().parse_args([]).model == "user/repo"
+    args = app.build_parser().parse_args(["--model", "folder", "--onnx-dir", "out", "--host", "0.0.0.0",
+                                          "--port", "9000", "--share", "--runtime", "torch"])
     assert (args.model, args.onnx_dir, args.host, args.port, args.share, args.runtime) == (
         "folder", "out", "0.0.0.0", 9000, True, "torch")
 

@@ -1,7 +1,8 @@
 """The app in a real browser: Debian's chromium (/usr/bin/chromium) driven by Playwright, offline.
 
 Samples, reconstructs an uploaded image, draws and reconstructs the drawing, swaps scales and explores scales,
-checking each time that the output image appears; screenshots go to the test's tmp_path. `make test` installs
+checking each time that the output image appears; a failed call clears the earlier result, and a file that is no
+image is refused as it arrives; screenshots go to the test's tmp_path. `make test` installs
 chromium first (`make browser`); without it these tests fail rather than skip.
 """
 
@@ -77,9 +78,43 @@ def test_reconstruct_a_drawing(page, tmp_path):
     page.mouse.move(x, y + 100, steps=10)
     page.mouse.up()
     page.get_by_role("button", name="Reconstruct drawing").click()
-    page.get_by_text("L 280x280").wait_for()  # the drawing's conversion is described
+    page.get_by_text("RGBA 280x280").wait_for()  # the drawing's conversion is described
     wait_for_image(page, "reconstruction")
     page.screenshot(path=tmp_path / "drawing.png", full_page=True)
+
+
+def test_a_failed_call_clears_the_earlier_result(page, tmp_path):
+    page.get_by_role("tab", name="Reconstruct").click()
+    page.get_by_role("tab", name="Upload").click()
+    remove = page.locator("#reconstruct-input button[aria-label='Remove Image']")
+    if remove.count():
+        remove.click()
+    page.locator("#reconstruct-examples .gallery-item").nth(3).click()  # an example, as the page shows it
+    page.locator("#reconstruct-input img").wait_for()
+    page.get_by_role("button", name="Reconstruct", exact=True).click()
+    wait_for_image(page, "reconstruction")
+    page.locator("#reconstruct-info").get_by_text("bits/dim").wait_for()
+    page.locator("#reconstruct-input button[aria-label='Remove Image']").click()
+    page.get_by_role("button", name="Reconstruct", exact=True).click()  # with no image: an error
+    page.get_by_text("No image given").wait_for()
+    page.locator("#reconstruction img").wait_for(state="detached")
+    page.locator("#converted img").wait_for(state="detached")
+    page.locator("#reconstruct-info").get_by_text("bits/dim").wait_for(state="detached")
+    page.screenshot(path=tmp_path / "cleared.png", full_page=True)
+
+
+def test_a_file_that_is_no_image_is_refused_when_it_arrives(page, tmp_path):
+    page.get_by_role("tab", name="Reconstruct").click()
+    page.get_by_role("tab", name="Upload").click()
+    fake = tmp_path / "fake.png"  # the browser itself refuses files not named as images
+    fake.write_text("not an image")
+    remove = page.locator("#reconstruct-input button[aria-label='Remove Image']")
+    if remove.count():
+        remove.click()
+    page.locator("#reconstruct-input input[type=file]").set_input_files(fake)
+    page.get_by_text("fake.png is not an image that can be read").wait_for()
+    page.locator("#reconstruct-input img").wait_for(state="detached")  # no broken picture stays
+    page.screenshot(path=tmp_path / "refused.png", full_page=True)
 
 
 def test_swap_and_interpolate(page, tmp_path):
