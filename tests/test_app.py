@@ -16,6 +16,7 @@ import socket
 import sys
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import gradio as gr
 import numpy as np
@@ -59,10 +60,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_app(cache: Path) -> tuple[gr.Blocks, str]:
-    """Build the app on the tiny model (onnxruntime, exported into ``cache`` if not there yet) and serve it on a
-    free local port. Returns the app (close it when done) and its URL."""
-    demo = app.build_app(str(tiny_model_dir(cache)), runtime="onnx", cache_dir=cache)
+def start_app(cache: Path, **options: Any) -> tuple[gr.Blocks, str]:
+    """Build the app on the tiny model (onnxruntime, exported into ``cache`` if not there yet; more ``build_app``
+    options may be given) and serve it on a free local port. Returns the app (close it when done) and its URL."""
+    demo = app.build_app(str(tiny_model_dir(cache)), runtime="onnx", cache_dir=cache, **options)
     port = free_port()
     app.launch(demo, host="127.0.0.1", port=port, block=False)
     return demo, f"http://127.0.0.1:{port}/"

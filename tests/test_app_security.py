@@ -27,6 +27,7 @@ import httpx
 import pytest
 import torch
 from PIL import Image, ImageDraw
+from test_analysis_app import write_analyses
 from test_app import ROOT, app, digit, free_port, shared_cache, start_app, tiny_model_dir
 
 from nvae_hub import NVAE, NVAEConfig
@@ -37,6 +38,7 @@ DEADLINE = 240  # seconds for all the requests of one test
 ERROR_FORMS = re.compile("|".join([  # the forms of the app's messages about bad input
     re.escape(app.NOT_AN_UPLOAD), r"must be (a|an|true)\b", r"takes \d+ inputs", "No image given",
     "The drawing is empty", r"Choose A or B", "cannot read its inputs", r"is not an image that can be read",
+    r"; choose one of: mnist\.",
 ]))
 
 
@@ -101,7 +103,9 @@ def bits_per_dim(answer: SimpleNamespace) -> str:
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory):
     cache = shared_cache(tmp_path_factory)
-    demo, url = start_app(cache)
+    analyses = tmp_path_factory.mktemp("analyses")
+    write_analyses(analyses / "mnist")  # so that the Analyses tab and its endpoint are there
+    demo, url = start_app(cache, analyses_dir=analyses)
     try:
         api = Api(url)
         drawing = Image.new("L", (280, 280), 255)
@@ -213,7 +217,7 @@ def normal_requests(served) -> dict[str, list[Any]]:
     """One good request for each of the app's endpoints."""
     return {"sample": [0.7, 4, 0, False, 0.7, 0.7], "explore": [0.7, 0, 2],
             "reconstruct": [served.a, False], "reconstruct_drawing": [sketch(served.drawing), True],
-            "swap": [served.a, served.b, "B", "A"], "interpolate": [served.a, served.b, 4]}
+            "swap": [served.a, served.b, "B", "A"], "interpolate": [served.a, served.b, 4], "analyses": ["mnist"]}
 
 
 def malformed_values(served) -> list[Any]:
