@@ -53,7 +53,7 @@ def fixed_noise(noise: list[torch.Tensor]):
     """A replacement for ``Normal.rsample`` whose posterior samples use the given noise, one tensor per call."""
     queue = list(noise)
 
-    def rsample(normal: Normal) -> torch.Tensor:
+    def rsample(normal: Normal, generator: torch.Generator | None = None) -> torch.Tensor:
         eps = queue.pop(0)
         assert eps.shape == normal.mu.shape
         return normal.sample_from(eps)
