@@ -99,7 +99,8 @@ def test_every_item_runs_in_quick_mode_and_writes_png_json_and_report(model_dirs
     assert analyse("all", "--model", model_dirs["tiny28"], "--dataset", "mnist", "--data-dir", mnist_dir,
                    "--run", run_dir, "--output-dir", out, "--quick", "--num-images", "12") == 0
     report = (out / "report.md").read_text()
-    for name in ITEMS:
+    # (disentangle needs images with known factors, beta and convergence training runs: see test_sweeps.py)
+    for name in [name for name, item in ITEMS.items() if not {"factors", "models"} & set(item.module.NEEDS)]:
         with Image.open(out / f"{name}.png") as image:
             image.verify()
             assert image.format == "PNG"

@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     output.add_argument("--eval-samples", type=int, default=0,
                         help="at the end, measure the test NLL with this many importance samples and put it in "
                              "the model card (default: 0, no evaluation)")
+    output.add_argument("--eval-every", type=int, default=0,
+                        help="every N steps and at the end, write the test negative ELBO of the EMA model (on "
+                             "--eval-limit images) to eval.jsonl (default: 0, never)")
     output.add_argument("--eval-limit", type=int, default=None,
                         help="evaluate on only the first N test images (default: all)")
     output.add_argument("--push-to-hub", default=None, metavar="REPO_ID",
@@ -110,7 +113,7 @@ def parse_args(argv: list[str] | None = None, parser: argparse.ArgumentParser | 
     check_ranges(parser, args, at_least_one=["epochs", "max_steps", "batch_size", "checkpoint_every",
                                              "keep_checkpoints", "log_every", "sample_every", "eval_limit", "threads"],
                  non_negative=["lr", "lr_min", "weight_decay", "grad_clip", "skip_threshold", "num_workers",
-                               "eval_samples"],
+                               "eval_samples", "eval_every"],
                  fractions=["lr_warmup", "kl_warmup", "ema_decay"])
     if not 0 < args.beta < math.inf:
         parser.error(f"--beta must be a positive number, got {args.beta}")
@@ -129,8 +132,8 @@ def parse_args(argv: list[str] | None = None, parser: argparse.ArgumentParser | 
     if args.resume not in (None, "latest") and not (Path(args.resume) / "state.json").is_file():
         parser.error(f"--resume {args.resume}: not a checkpoint folder (one like OUTPUT_DIR/checkpoints/"
                      f"step-00000500 with a state.json); give --resume alone for the newest checkpoint")
-    if args.eval_limit is not None and args.eval_samples == 0:
-        parser.error("--eval-limit needs --eval-samples")
+    if args.eval_limit is not None and args.eval_samples == 0 and args.eval_every == 0:
+        parser.error("--eval-limit needs --eval-samples or --eval-every")
     if args.push_to_hub is not None:
         try:
             validate_repo_id(args.push_to_hub)

@@ -13,7 +13,8 @@ weights of an uninterrupted one (on the same hardware and process count).
 
 Outputs in ``--output-dir``: ``log.jsonl`` (one record per step), ``checkpoints/``, ``samples/`` (PNG grids),
 ``tensorboard/``, ``plots/`` (learning curves, KL per group), ``final/`` (the EMA model with its card),
-``summary.json``, ``args.json`` and ``.lock`` (see rundir.py: the folder is locked while a run uses it).
+``summary.json``, ``args.json``, ``.lock`` (see rundir.py: the folder is locked while a run uses it) and, with
+``--eval-every``, ``eval.jsonl`` (the test loss during training).
 """
 
 from __future__ import annotations
@@ -158,6 +159,15 @@ def finite_or_none(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
+def eval_record(model: NVAE, test_set: Dataset, args: argparse.Namespace, step: int, epoch: float) -> dict[str, Any]:
+    """The eval.jsonl record of ``step``: the negative ELBO (one posterior sample, seeded) of ``model`` on the first
+    ``--eval-limit`` images of ``test_set``."""
+    result = evaluate_nll(model, test_set, num_samples=1, limit=args.eval_limit, batch_size=args.batch_size,
+                          seed=args.seed, progress=False)
+    return {"step": step, "epoch": epoch, "test_neg_elbo_nats": result["nll_nats"],
+            "test_neg_elbo_nats_stderr": result["nll_nats_stderr"], "images": result["num_images"]}
+
+
 # ---------------------------------------------------------------------------------------------- training
 
 
@@ -182,7 +192,7 @@ def run_training(args: argparse.Namespace, accelerator: Accelerator) -> dict[str
     """``train``'s work, in a locked output folder."""
     out_dir = Path(args.output_dir)
     main = accelerator.is_main_process
-    checkpoint_dir, log_path = out_dir / "checkpoints", out_dir / "log.jsonl"
+    checkpoint_dir, log_path, eval_path = out_dir / "checkpoints", out_dir / "log.jsonl", out_dir / "eval.jsonl"
 
     # ---- resume (the checkpoint's config is compared before anything is built), or refuse to overwrite a run
     cfg = model_config(args)
@@ -214,7 +224,8 @@ def run_training(args: argparse.Namespace, accelerator: Accelerator) -> dict[str
     try:
         with accelerator.main_process_first():
             dataset = build_dataset(args.dataset, "train", **data_options)
-            test_set = build_dataset(args.dataset, "test", **data_options) if args.eval_samples > 0 else None
+            test_set = (build_dataset(args.dataset, "test", **data_options)
+                        if args.eval_samples > 0 or args.eval_every > 0 else None)
     except (ValueError, OSError) as error:
         raise SetupError(f"--dataset {args.dataset}: {error}") from error
     global_batch = args.batch_size * accelerator.num_processes
@@ -231,9 +242,10 @@ def run_training(args: argparse.Namespace, accelerator: Accelerator) -> dict[str
         start_step, skipped, elapsed = state["step"], state["skipped"], state["elapsed_seconds"]
         accelerator.print(f"resumed from {resume_from} at step {start_step}")
     if main:
-        note = truncate_log(log_path, start_step)
-        if note is not None:
-            accelerator.print(note)
+        for path in [log_path, *([eval_path] if eval_path.exists() else [])]:
+            note = truncate_log(path, start_step)
+            if note is not None:
+                accelerator.print(note)
         (out_dir / "args.json").write_text(json.dumps(vars(args), indent=1) + "\n")
     try:
         sampler = StepBatchSampler(len(dataset), args.batch_size, accelerator.num_processes,
@@ -318,6 +330,10 @@ def run_training(args: argparse.Namespace, accelerator: Accelerator) -> dict[str
             name = f"samples/step-{step:08d}"
             plots.save_samples(ema.module, out_dir / f"{name}-samples.png", args.temperatures)
             plots.save_reconstructions(ema.module, recon_images, out_dir / f"{name}-recon.png")
+        if main and args.eval_every and (step % args.eval_every == 0 or step == max_steps):
+            record = eval_record(ema.module, test_set, args, step, step / steps_per_epoch)
+            with eval_path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
         if step % args.checkpoint_every == 0 or step == max_steps:
             checkpoint(step)
         if consecutive_skips >= MAX_CONSECUTIVE_SKIPS:
@@ -333,8 +349,9 @@ def run_training(args: argparse.Namespace, accelerator: Accelerator) -> dict[str
     summary: dict[str, Any] = {}
     if main:
         log_file.close()
-        summary = finish(args, accelerator, cfg, ema.module, test_set, steps_per_epoch=steps_per_epoch,
-                         max_steps=max_steps, skipped=skipped, wall_time=elapsed + session_seconds,
+        summary = finish(args, accelerator, cfg, ema.module, test_set if args.eval_samples > 0 else None,
+                         steps_per_epoch=steps_per_epoch, max_steps=max_steps, skipped=skipped,
+                         wall_time=elapsed + session_seconds,
                          images_per_second=session_steps * global_batch / session_seconds if session_steps else None,
                          checksums=checksums)
     accelerator.end_training()

@@ -5,9 +5,11 @@
 Every item is one module of this package with the same three names:
 
 - ``NEEDS``: what it reads, a tuple of "model", "data" (the model's test images), "labels" (their classes),
-  "run" (a training run's folder);
+  "run" (a training run's folder), "factors" (images with known generative factors), "models" (training runs);
 - ``run(inputs: Inputs) -> Result``: computes the numbers (a JSON-ready dict) and draws the figure;
-- ``section(numbers) -> str``: the Markdown that ``report.md`` shows under the figure.
+- ``section(numbers) -> str``: the Markdown that ``report.md`` shows under the figure;
+- optionally ``check(inputs)``: raises ``AnalysisError`` for inputs the item cannot use beyond its ``NEEDS``, before
+  anything runs or is written.
 
 Each module also has plain functions that a notebook can call for the numbers alone (``kl.active_units``,
 ``latent_map.knn_accuracy``, ``control.transfer_matrix``, ...). ``run_items`` runs items and writes ``ITEM.png``,
@@ -45,6 +47,9 @@ ITEMS: dict[str, Item] = {item.name: item for item in [
     Item("kl", "KL of every group and channel on the test set, and active units by two rules"),
     Item("control", "which scale carries which property: transfer matrix T[scale, property] from latent swaps"),
     Item("temperature", "samples from the same noise with the temperature of one scale changed at a time"),
+    Item("disentangle", "BetaVAE, FactorVAE, MIG, DCI and SAP scores of the latents on sprites, vs. pixels"),
+    Item("beta", "a beta sweep (--models DIR ...): ELBO, recon, KL and disentanglement against (normalised) beta"),
+    Item("convergence", "single- vs multi-scale models (--models DIR ...): test loss against epochs, epochs ratio"),
 ]}
 """Every analysis, in the order ``all`` runs them and ``report.md`` shows them."""
 

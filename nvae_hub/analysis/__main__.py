@@ -41,6 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-images", type=int, default=None,
                         help="test images (or image pairs, or samples) per analysis, instead of each one's default")
     parser.add_argument("--seed", type=int, default=0, help="seed of every random choice (default: 0)")
+    parser.add_argument("--models", nargs="+", type=Path, default=[], metavar="DIR",
+                        help="training runs (train/run.py's --output-dir) of a sweep or comparison: beta, convergence")
+    parser.add_argument("--pca-components", type=int, default=2,
+                        help="disentangle: PCA components kept per latent group (default: 2)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="device to run on (default: cuda if available, else cpu)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -53,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.num_images is not None and args.num_images < 2:
         parser.error(f"--num-images must be at least 2, got {args.num_images}")
+    if args.pca_components < 1:
+        parser.error(f"--pca-components must be at least 1, got {args.pca_components}")
     try:
         expand(args.items)  # unknown items fail before anything is loaded
         model = None
@@ -66,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise AnalysisError(str(error)) from error
         inputs = Inputs(model=model, model_name=args.model, dataset=args.dataset, data_dir=args.data_dir,
                         split=args.split, run_dir=args.run, quick=args.quick, num_images=args.num_images,
-                        seed=args.seed, progress=not args.no_progress)
+                        seed=args.seed, progress=not args.no_progress, pca_components=args.pca_components,
+                        models=args.models, device=args.device)
         run_items(args.items, inputs, args.output_dir)
     except AnalysisError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,8 +21,9 @@ from nvae_hub.data import build_dataset, dataset_labels
 from nvae_hub.evaluation import scored_batches, seeded_eval
 from nvae_hub.model import NVAE
 
-NEEDS = ("model", "data", "labels", "run")
-"""What an item can need: a model, the model's test images, their class labels, a training run's folder."""
+NEEDS = ("model", "data", "labels", "run", "factors", "models")
+"""What an item can need: a model, the model's test images, their class labels, a training run's folder, known
+generative factors of the images (sprites), several training runs' folders (a sweep, a comparison)."""
 
 
 class AnalysisError(ValueError):
@@ -56,6 +58,9 @@ class Inputs:
     num_images: int | None = None
     seed: int = 0
     progress: bool = True
+    pca_components: int = 2
+    models: list[Path] = field(default_factory=list)
+    device: str = "cpu"
     _datasets: dict[str, Dataset[Tensor]] = field(default_factory=dict, repr=False)
 
     # ------------------------------------------------------------------ checks
@@ -67,14 +72,24 @@ class Inputs:
             raise AnalysisError(f"{item} needs a model: pass --model NAME_OR_PATH")
         if {"data", "labels"} & set(needs):
             self.images(self.split)
+        if "factors" in needs and not hasattr(self.images(self.split), "factors"):
+            raise AnalysisError(f"{item} needs images with known generative factors, and the {self.dataset!r} data "
+                                f"set has none; use sprites or sprites32")
+        if "models" in needs and not self.models:
+            raise AnalysisError(f"{item} needs training runs: pass --models DIR [DIR ...] (folders written by "
+                                f"train/run.py)")
         if "labels" in needs and self.labels(self.split) is None:
             raise AnalysisError(f"{item} needs class labels, and the {self.dataset!r} data set has none; use a "
                                 f"labelled data set (mnist, fashion-mnist)")
 
-    def missing(self, needs: tuple[str, ...], item: str) -> str | None:
-        """Why the item cannot run (the message of ``check``), or None if it can."""
+    def missing(self, needs: tuple[str, ...], item: str,
+                extra_check: Callable[[Inputs], None] | None = None) -> str | None:
+        """Why the item cannot run (the message of ``check``, then of the item's own ``extra_check``), or None if it
+        can."""
         try:
             self.check(needs, item)
+            if extra_check is not None:
+                extra_check(self)
         except AnalysisError as error:
             return str(error)
         return None

@@ -52,7 +52,8 @@ def run_items(names: Sequence[str], inputs: Inputs, output_dir: str | Path,
     explicit = "all" not in names
     runnable = []
     for name in chosen:
-        why = inputs.missing(ITEMS[name].module.NEEDS, name)
+        module = ITEMS[name].module
+        why = inputs.missing(module.NEEDS, name, getattr(module, "check", None))
         if why is None:
             runnable.append(name)
         elif explicit:
