@@ -40,7 +40,7 @@ class _NoiseDecoder(nn.Module):
         self.model = model
 
     def forward(self, temperature: Tensor, *noise: Tensor) -> Tensor:
-        return self.model.decode_noise(noise, [temperature[g] for g in range(self.model.num_groups)])
+        return self.model._decode_noise(noise, [temperature[g] for g in range(self.model.num_groups)])
 
 
 class _LatentDecoder(nn.Module):

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from huggingface_hub import PyTorchModelHubMixin, hf_hub_download
 from torch import Tensor, nn
 
+from . import validation
 from .card import CARD_NAME, LIBRARY_NAME, LICENSE, PAPER_URL, PIPELINE_TAG, TAGS, TrainingInfo, model_card
 from .config import CHANNEL_MULT, NVAEConfig
 from .distributions import Bernoulli, DiscretizedLogisticMixture, Normal, reduce_bits
@@ -236,20 +237,26 @@ class NVAE(
         return [self.config.latent_shape(s) for s in self.scale_of_group]
 
     # ================================================================== the two passes
-    def _check_images(self, x: Tensor) -> None:
-        cfg = self.config
-        expected = (cfg.channels, cfg.image_size, cfg.image_size)
+    def _check_images(self, x: Tensor, name: str = "x") -> Tensor:
+        """``x`` checked by the rules of ``nvae_hub.validation`` (as in the ONNX runtime), in the model's dtype."""
         if not isinstance(x, Tensor):
-            raise TypeError(f"expected a torch.Tensor of images, got {type(x).__name__}")
-        if x.dim() != 4 or tuple(x.shape[1:]) != expected:
-            raise ValueError(f"expected images of shape (N, {', '.join(map(str, expected))}), got {tuple(x.shape)}")
-        if not x.is_floating_point():
-            raise ValueError(f"expected float images in [0, 1], got dtype {x.dtype}")
-        if x.shape[0] == 0:
-            raise ValueError("expected at least one image, got an empty batch")
+            raise TypeError(f"expected {name} to be a torch.Tensor of images, got {type(x).__name__}")
+        cfg = self.config
+        validation.image_batch(x.shape, str(x.dtype), (cfg.channels, cfg.image_size, cfg.image_size), name)
         lo, hi = torch.aminmax(x.detach())
-        if not (lo >= 0 and hi <= 1):
-            raise ValueError(f"expected pixel values in [0, 1], got values in [{lo.item():.3g}, {hi.item():.3g}]")
+        validation.pixel_range(lo.item(), hi.item(), name)
+        return x.to(self.h0.dtype)
+
+    def _check_latents(self, latents: Sequence[Tensor], what: str) -> list[Tensor]:
+        """One float tensor per group, of the group's shape, with one batch size (``what`` names them)."""
+        if isinstance(latents, Tensor) or not isinstance(latents, Sequence):
+            raise TypeError(f"expected a list of {what} tensors, one per group, got {type(latents).__name__}")
+        zs = list(latents)
+        for g, z in enumerate(zs):
+            if not isinstance(z, Tensor):
+                raise TypeError(f"{what} group {g} must be a torch.Tensor, got {type(z).__name__}")
+        validation.latent_batch([z.shape for z in zs], [str(z.dtype) for z in zs], self.latent_shapes(), what)
+        return zs
 
     def _bottom_up(self, x: Tensor) -> list[Tensor]:
         """Encoder features, one per group in decoder order (group g pairs with the feature that the
@@ -342,7 +349,7 @@ class NVAE(
         beta-VAE (Higgins et al., 2017); 1 is the ELBO. ``reg_weight`` overrides ``config.reg_weight`` (the
         trainer anneals it). The regularisers' power iteration advances only in training mode.
         """
-        self._check_images(x)
+        x = self._check_images(x)
         params, _, posteriors, priors = self._posterior_pass(x)
         recon = -self._log_likelihood(params, x)
         kl_per_group = torch.stack([q.kl(p).flatten(1).sum(dim=1) for q, p in zip(posteriors, priors, strict=True)],
@@ -387,23 +394,10 @@ class NVAE(
             conv.fold_weight_norm()
 
     # ================================================================== sampling
-    def _temperatures(self, temperature: float | Sequence[float] | Tensor) -> list[float | Tensor]:
-        if isinstance(temperature, Tensor) and temperature.dim() == 0:
-            return [temperature] * self.num_groups
-        if isinstance(temperature, int | float):
-            if not math.isfinite(temperature) or temperature < 0:
-                raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
-            return [float(temperature)] * self.num_groups
-        temps = list(temperature)
-        if len(temps) != self.num_groups:
-            raise ValueError(f"expected one temperature or {self.num_groups} (one per group), got {len(temps)}")
-        return temps
-
     def sample_noise(self, n: int, seed: int | None = None) -> list[Tensor]:
         """Standard-normal noise for every group, shapes (n, C, H, W). Drawn on the CPU, so a seed gives the
         same noise (and images) on every device."""
-        if not isinstance(n, int) or n < 1:
-            raise ValueError(f"the number of samples must be a positive integer, got {n!r}")
+        n, seed = validation.integer(n, "the number of samples"), validation.seed(seed)
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         return [torch.randn((n, *shape), generator=generator).to(self.device) for shape in self.latent_shapes()]
 
@@ -411,11 +405,15 @@ class NVAE(
     def decode_noise(self, noise: Sequence[Tensor], temperature: float | Sequence[float] | Tensor = 1.0) -> Tensor:
         """Images from given prior noise: group g's z = mu_p + temperature_g * sigma_p * noise_g. Uses the
         BatchNorm statistics that ``readjust_bn`` re-estimated, if any."""
-        temps = self._temperatures(temperature)
+        noise = self._check_latents(noise, "noise")
+        temps = validation.temperatures(temperature, self.num_groups)
         with self._readjusted_bn_statistics():
             return self._decode_noise(noise, temps)
 
-    def _decode_noise(self, noise: Sequence[Tensor], temps: list[float | Tensor]) -> Tensor:
+    def _decode_noise(self, noise: Sequence[Tensor], temps: Sequence[float | Tensor]) -> Tensor:
+        """``decode_noise`` without the checks, with the BatchNorm statistics as they are (the ONNX export traces
+        it with one tensor per temperature)."""
+
         def choose_z(g: int, s: Tensor, prior: Normal) -> Tensor:
             return prior.with_temperature(temps[g]).sample_from(noise[g])
 
@@ -427,7 +425,8 @@ class NVAE(
         """``n`` images (n, C, H, W) in [0, 1] from the prior, with sigma scaled by ``temperature`` (one value,
         or one per group). The same seed gives the same images. The pixels are the output distribution's
         mean (Bernoulli probabilities / logistic-mixture means)."""
-        return self.decode_noise(self.sample_noise(n, seed), temperature)
+        temperatures = validation.temperatures(temperature, self.num_groups)  # checked before drawing any noise
+        return self.decode_noise(self.sample_noise(n, seed), temperatures)
 
     def _decoder_batch_norms(self) -> list[nn.BatchNorm2d | nn.SyncBatchNorm]:
         """The BatchNorm layers that sampling runs: those of the top-down pass, not the encoder's."""
@@ -446,7 +445,9 @@ class NVAE(
         ``loss``) keeps the statistics learned in training, so it gives exactly the results it gave before. The
         re-estimated statistics are not part of the saved weights; ``forget_readjusted_bn`` drops them.
         """
-        temps = self._temperatures(temperature)
+        temps = validation.temperatures(temperature, self.num_groups)
+        num_batches = validation.integer(num_batches, "num_batches")
+        batch_size, seed = validation.integer(batch_size, "batch_size"), validation.seed(seed)
         norms = self._decoder_batch_norms()
         learned = [(bn.running_mean.clone(), bn.running_var.clone(), bn.num_batches_tracked.clone(), bn.momentum)
                    for bn in norms]
@@ -457,7 +458,8 @@ class NVAE(
                 bn.momentum = None  # a cumulative average over the batches below
                 bn.train()
             for i in range(num_batches):
-                self._decode_noise(self.sample_noise(batch_size, None if seed is None else seed + i), temps)
+                batch_seed = None if seed is None else (seed + i) % (validation.MAX_SEED + 1)
+                self._decode_noise(self.sample_noise(batch_size, batch_seed), temps)
             for bn in norms:
                 bn.register_buffer(READJUSTED_MEAN, bn.running_mean.clone(), persistent=False)
                 bn.register_buffer(READJUSTED_VAR, bn.running_var.clone(), persistent=False)
@@ -516,20 +518,14 @@ class NVAE(
     def encode(self, x: Tensor, sample: bool = False) -> Latents:
         """The latents of ``x``: posterior means (or samples), one tensor per group, coarsest scale first.
         With flows, the means (or samples) of the encoder's Normals pushed through the flows."""
-        self._check_images(x)
-        _, zs, _, _ = self._posterior_pass(x, use_mean=not sample)
+        x = self._check_images(x)
+        _, zs, _, _ = self._posterior_pass(x, use_mean=not validation.flag(sample, "sample"))
         return Latents(zs, list(self.scale_of_group))
 
     @in_eval_mode
     def decode(self, latents: Latents | Sequence[Tensor]) -> Tensor:
         """Images in [0, 1] decoded from one latent tensor per group."""
-        zs = latents.z if isinstance(latents, Latents) else list(latents)
-        shapes = self.latent_shapes()
-        if len(zs) != len(shapes):
-            raise ValueError(f"expected {len(shapes)} latent groups, got {len(zs)}")
-        for g, (z, shape) in enumerate(zip(zs, shapes, strict=True)):
-            if z.dim() != 4 or tuple(z.shape[1:]) != shape or z.shape[0] != zs[0].shape[0]:
-                raise ValueError(f"latent group {g} has shape {tuple(z.shape)}, expected (N, {shape})")
+        zs = self._check_latents(latents.z if isinstance(latents, Latents) else latents, "latent")
         return self.likelihood(self._top_down(zs[0].shape[0], lambda g, s, prior: zs[g])).mean()
 
     def reconstruct(self, x: Tensor) -> Tensor:
@@ -538,9 +534,11 @@ class NVAE(
 
     def swap(self, x_a: Tensor, x_b: Tensor, scales: Sequence[int]) -> Tensor:
         """Decode x_a's latents with every group of the listed scales taken from x_b's latents."""
+        x_a, x_b = self._check_images(x_a, "x_a"), self._check_images(x_b, "x_b")
         if x_a.shape != x_b.shape:
             raise ValueError(f"x_a and x_b must have the same shape, got {tuple(x_a.shape)} and {tuple(x_b.shape)}")
-        return self.decode(self.encode(x_a).with_scales_from(self.encode(x_b), scales))
+        wanted = validation.scales(scales, self.num_scales)
+        return self.decode(self.encode(x_a).with_scales_from(self.encode(x_b), wanted))
 
     # ================================================================== evaluation
     @torch.no_grad()
@@ -551,9 +549,9 @@ class NVAE(
         (K=1 gives the negative ELBO estimate). Work is done ``chunk_size`` images at a time. The samples are
         drawn with ``generator`` (default: torch's global one); a generator of one's own gives the same estimate
         every time, whatever else runs."""
-        if not isinstance(num_samples, int) or num_samples < 1:
-            raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
-        self._check_images(x)
+        num_samples = validation.integer(num_samples, "num_samples")
+        chunk_size = validation.integer(chunk_size, "chunk_size")
+        x = self._check_images(x)
         per_chunk = max(1, chunk_size // num_samples)
         out = []
         for xb in x.split(per_chunk):

@@ -25,6 +25,8 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from . import validation
+
 META_FILE = "nvae_onnx.json"
 FORMAT_VERSION = 1
 CUDA_PROVIDER = "CUDAExecutionProvider"
@@ -107,62 +109,31 @@ class OnnxNVAE:
                 f"groups_per_scale={self.groups_per_scale})")
 
     # ------------------------------------------------------------------ validation
+    # The rules are nvae_hub.validation's, the same as NVAE's (PyTorch), with the same messages.
     def _temperatures(self, temperature: float | Sequence[float] | np.ndarray) -> np.ndarray:
-        temps = np.asarray(temperature, dtype=np.float64)
-        if temps.ndim == 0:
-            temps = np.full(self.num_groups, float(temps))
-        elif temps.shape != (self.num_groups,):
-            raise ValueError(f"expected one temperature or {self.num_groups} (one per group), got shape "
-                             f"{temps.shape}")
-        if not (np.isfinite(temps).all() and (temps >= 0).all()):
-            raise ValueError(f"temperatures must be finite numbers >= 0, got {temps.tolist()}")
-        return temps.astype(np.float32)
+        return np.asarray(validation.temperatures(temperature, self.num_groups), dtype=np.float32)
 
     def _images(self, x: np.ndarray, name: str = "x") -> np.ndarray:
-        expected = (self.channels, self.image_size, self.image_size)
         x = np.asarray(x)
-        if x.ndim != 4 or x.shape[1:] != expected:
-            raise ValueError(f"expected {name} of shape (N, {', '.join(map(str, expected))}), got {x.shape}")
-        if not np.issubdtype(x.dtype, np.floating):
-            raise ValueError(f"expected float images in [0, 1] for {name}, got dtype {x.dtype}")
-        if x.shape[0] == 0:
-            raise ValueError(f"expected at least one image in {name}, got an empty batch")
-        lo, hi = x.min(), x.max()
-        if not (lo >= 0 and hi <= 1):
-            raise ValueError(f"expected pixel values in [0, 1] for {name}, got values in [{lo:.3g}, {hi:.3g}]")
+        validation.image_batch(x.shape, str(x.dtype), (self.channels, self.image_size, self.image_size), name)
+        validation.pixel_range(float(x.min()), float(x.max()), name)
         return x.astype(np.float32, copy=False)
 
-    def _latents(self, latents: Sequence[np.ndarray]) -> list[np.ndarray]:
-        zs = [np.asarray(z, dtype=np.float32) for z in latents]
-        if len(zs) != self.num_groups:
-            raise ValueError(f"expected {self.num_groups} latent groups, got {len(zs)}")
-        for g, (z, shape) in enumerate(zip(zs, self.latent_shapes, strict=True)):
-            if z.ndim != 4 or z.shape[1:] != shape or z.shape[0] != zs[0].shape[0] or z.shape[0] == 0:
-                raise ValueError(f"latent group {g} has shape {z.shape}, expected (N, {', '.join(map(str, shape))}) "
-                                 f"with the same N >= 1 for every group")
-        return zs
-
-    def _scales(self, scales: Iterable[int]) -> set[int]:
-        if isinstance(scales, int | str):
-            raise ValueError(f"scales must be a list of scale indices, got {scales!r}")
-        wanted = set(scales)
-        unknown = wanted - set(range(self.num_scales))
-        if unknown:
-            raise ValueError(f"unknown scale(s) {sorted(unknown, key=str)}; this model has scales "
-                             f"0..{self.num_scales - 1}")
-        return wanted
+    def _latents(self, latents: Sequence[np.ndarray], what: str) -> list[np.ndarray]:
+        zs = [np.asarray(z) for z in latents]
+        validation.latent_batch([z.shape for z in zs], [str(z.dtype) for z in zs], self.latent_shapes, what)
+        return [z.astype(np.float32, copy=False) for z in zs]
 
     # ------------------------------------------------------------------ the model
     def sample_noise(self, n: int, seed: int | None = None) -> list[np.ndarray]:
         """Standard-normal noise for every group, shapes (n, C, H, W), float32, from NumPy's generator."""
-        if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 1:
-            raise ValueError(f"the number of samples must be a positive integer, got {n!r}")
+        n, seed = validation.integer(n, "the number of samples"), validation.seed(seed)
         rng = np.random.default_rng(seed)
-        return [rng.standard_normal((int(n), *shape), dtype=np.float32) for shape in self.latent_shapes]
+        return [rng.standard_normal((n, *shape), dtype=np.float32) for shape in self.latent_shapes]
 
     def decode_noise(self, noise: Sequence[np.ndarray], temperature: float | Sequence[float] = 1.0) -> np.ndarray:
         """Images from given prior noise: group g's z = mu_p + temperature_g * sigma_p * noise_g."""
-        feeds = {f"noise_{g}": z for g, z in enumerate(self._latents(noise))}
+        feeds = {f"noise_{g}": z for g, z in enumerate(self._latents(noise, "noise"))}
         feeds["temperature"] = self._temperatures(temperature)
         return self._decoder.run(["images"], feeds)[0]
 
@@ -178,7 +149,7 @@ class OnnxNVAE:
 
     def decode(self, latents: Sequence[np.ndarray]) -> np.ndarray:
         """Images decoded from one latent array per group."""
-        feeds = {f"z_{g}": z for g, z in enumerate(self._latents(latents))}
+        feeds = {f"z_{g}": z for g, z in enumerate(self._latents(latents, "latent"))}
         return self._decode_latents.run(["images"], feeds)[0]
 
     def reconstruct(self, x: np.ndarray) -> np.ndarray:
@@ -190,7 +161,7 @@ class OnnxNVAE:
         x_a, x_b = self._images(x_a, "x_a"), self._images(x_b, "x_b")
         if x_a.shape != x_b.shape:
             raise ValueError(f"x_a and x_b must have the same shape, got {x_a.shape} and {x_b.shape}")
-        wanted = self._scales(scales)
+        wanted = validation.scales(scales, self.num_scales)
         n = x_a.shape[0]
         both = self.encode(np.concatenate([x_a, x_b]))  # one encoder run for the two batches
         zs = [z[n:] if s in wanted else z[:n] for z, s in zip(both, self.scale_of_group, strict=True)]

@@ -208,8 +208,8 @@ def test_the_runtime_imports_without_torch():
     ("call", "message"),
     [
         (lambda r: r.sample(0), "positive integer"),
-        (lambda r: r.sample(2, temperature=-0.5), "finite numbers >= 0"),
-        (lambda r: r.sample(2, temperature=float("nan")), "finite numbers >= 0"),
+        (lambda r: r.sample(2, temperature=-0.5), "finite number >= 0"),
+        (lambda r: r.sample(2, temperature=float("nan")), "finite number >= 0"),
         (lambda r: r.sample(2, temperature=[1.0, 1.0]), "one temperature or 3"),
         (lambda r: r.encode(np.zeros((2, 1, 8, 8), np.float32)), r"shape \(N, 1, 16, 16\)"),
         (lambda r: r.encode(np.zeros((2, 16, 16), np.float32)), r"shape \(N, 1, 16, 16\)"),
@@ -219,15 +219,77 @@ def test_the_runtime_imports_without_torch():
         (lambda r: r.decode([np.zeros((1, 4, 4, 4), np.float32)]), "expected 3 latent groups"),
         (lambda r: r.decode([np.zeros((1, 4, 4, 4), np.float32)] * 3), "latent group 1 has shape"),
         (lambda r: r.decode_noise([np.zeros((2, 4, 4, 4)), np.zeros((1, 4, 8, 8)), np.zeros((1, 4, 8, 8))]),
-         "latent group 1 has shape"),
+         "noise group 1 has shape"),
         (lambda r: r.swap(np.zeros((2, 1, 16, 16)), np.zeros((3, 1, 16, 16)), [0]), "same shape"),
         (lambda r: r.swap(np.zeros((2, 1, 16, 16)), np.zeros((2, 1, 16, 16)), [2]), r"unknown scale\(s\) \[2\]"),
-        (lambda r: r.swap(np.zeros((2, 1, 16, 16)), np.zeros((2, 1, 16, 16)), 0), "list of scale indices"),
     ],
 )
 def test_bad_inputs_raise_clear_errors(runtime, call, message):
     with pytest.raises(ValueError, match=message):
         call(runtime)
+
+
+NAN = float("nan")
+X = np.random.default_rng(0).integers(0, 2, (2, 1, 16, 16)).astype(np.float32)
+
+
+def zero_latents(convert, dtype=np.float32) -> list:
+    """Zero latents (or noise) of the tiny model, batch 2, through ``convert`` (to torch or NumPy)."""
+    return [convert(np.zeros((2, *shape), dtype)) for shape in ((4, 4, 4), (4, 8, 8), (4, 8, 8))]
+
+
+@pytest.mark.parametrize(
+    ("method", "args"),
+    [
+        ("sample", lambda t: (2, [0.7, NAN, 0.7])),
+        ("sample", lambda t: (2, [0.7, 0.7, -0.1])),
+        ("sample", lambda t: (2, np.array([0.7, np.inf, 0.7]))),
+        ("sample", lambda t: (2, "0.7")),
+        ("sample", lambda t: (2, ["0.7"] * 3)),
+        ("sample", lambda t: (2, None)),
+        ("sample", lambda t: (2, [1.0, 1.0])),
+        ("sample", lambda t: ("2",)),
+        ("sample", lambda t: (2.0,)),
+        ("sample", lambda t: (True,)),
+        ("sample", lambda t: (np.int64(0),)),
+        ("sample", lambda t: (2, 1.0, 2**64)),
+        ("sample", lambda t: (2, 1.0, -1)),
+        ("sample", lambda t: (2, 1.0, "7")),
+        ("sample_noise", lambda t: (2, 1.5)),
+        ("decode_noise", lambda t: ([t(np.zeros((2, 4, 4, 4), np.float32))] * 2,)),
+        ("decode_noise", lambda t: (zero_latents(t, np.int64),)),
+        ("decode_noise", lambda t: (zero_latents(t), [0.5, NAN, 0.5])),
+        ("decode", lambda t: (zero_latents(t)[:2],)),
+        ("encode", lambda t: (t(X * NAN),)),
+        ("encode", lambda t: (t(X[:, :, :8]),)),
+        ("encode", lambda t: (t(X[:0]),)),
+        ("encode", lambda t: (t(X.astype(np.uint8)),)),
+        ("reconstruct", lambda t: (t(X * 2),)),
+        ("decode", lambda t: ([t(np.zeros((1, 4, 4, 4), np.float32))] * 3,)),
+        ("swap", lambda t: (t(X), t(X), 0)),
+        ("swap", lambda t: (t(X), t(X), "01")),
+        ("swap", lambda t: (t(X), t(X), ["0"])),
+        ("swap", lambda t: (t(X), t(X), [2])),
+        ("swap", lambda t: (t(X), t(X), [-1])),
+        ("swap", lambda t: (t(X), t(X * 2), [0])),
+        ("swap", lambda t: (t(X), t(X[:1]), [0])),
+    ],
+)
+def test_pytorch_and_onnxruntime_refuse_the_same_inputs_with_the_same_errors(tiny, runtime, method, args):
+    errors = []
+    for target, convert in ((tiny[0], torch.from_numpy), (runtime, np.asarray)):
+        with pytest.raises((TypeError, ValueError)) as refused:
+            getattr(target, method)(*args(convert))
+        errors.append((type(refused.value), str(refused.value)))
+    assert errors[0] == errors[1]
+
+
+def test_the_runtime_takes_numpy_scalars_and_the_largest_seed(tiny, runtime):
+    noise = runtime.sample_noise(np.int64(2), seed=np.uint64(2**64 - 1))
+    expected = tiny[0].decode_noise([torch.from_numpy(z) for z in noise], 0.5).detach().numpy()
+    for temperature in (np.float32(0.5), np.full(3, 0.5, np.float32), [np.float64(0.5)] * 3, torch.tensor(0.5)):
+        np.testing.assert_allclose(runtime.decode_noise(noise, temperature), expected, atol=1e-4)
+    np.testing.assert_array_equal(runtime.swap(X, X[::-1], np.array([0])), runtime.swap(X, X[::-1], [0]))
 
 
 def test_missing_export_and_bad_options_are_clear_errors(tiny, tmp_path):
