@@ -1,7 +1,8 @@
 """The files of a pretrained NVAE folder: ``config.json`` and ``model.safetensors``, read and written strictly.
 
-Every problem with a file (missing, unreadable, corrupt, not matching the model) raises ``PretrainedLoadError``
-with the file's path in the message. Weights are only ever read with safetensors, never with pickle.
+Every problem with a file (missing, unreadable, corrupt, not matching the model: names, shapes, dtypes, NaN or
+infinite values) raises ``PretrainedLoadError`` with the file's path and the tensors' names in the message. Weights
+are only ever read with safetensors, never with pickle.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
@@ -52,7 +54,9 @@ def save_weights(module: nn.Module, path: str | Path) -> None:
 
 
 def load_weights(module: nn.Module, path: str | Path) -> None:
-    """Load a safetensors file into ``module`` strictly: every weight present, none extra, every shape equal.
+    """Load a safetensors file into ``module`` strictly: every weight present, none extra, every shape equal, every
+    dtype of the module's kind (a float may change precision; an integer or bool must match exactly) and every
+    float value finite in the module's dtype.
 
     The file is read on the CPU and copied into the module's tensors (so onto the module's device and dtype).
     """
@@ -71,21 +75,43 @@ def _check_state_dict(expected: dict[str, Tensor], found: dict[str, Tensor], pat
     """Raise one ``PretrainedLoadError`` listing every missing, unexpected and mis-shaped weight."""
     missing = [name for name in expected if name not in found]
     unexpected = [name for name in found if name not in expected]
+    both = [name for name in expected if name in found]
     mismatched = [
         f"{name} (expected {tuple(expected[name].shape)}, found {tuple(found[name].shape)})"
-        for name in expected
-        if name in found and expected[name].shape != found[name].shape
+        for name in both
+        if expected[name].shape != found[name].shape
+    ]
+    wrong_dtype = [
+        f"{name} (expected {_dtype(expected[name].dtype)}, found {_dtype(found[name].dtype)})"
+        for name in both
+        if not _same_kind(expected[name].dtype, found[name].dtype)
+    ]
+    non_finite = [
+        name for name in both
+        if expected[name].is_floating_point() and found[name].is_floating_point()
+        and not torch.isfinite(found[name].to(expected[name].dtype)).all()
     ]
     problems = [
         f"{len(names)} {kind}: {_some(names)}"
         for kind, names in [("missing weight(s)", missing), ("unexpected weight(s)", unexpected),
-                            ("shape mismatch(es)", mismatched)]
+                            ("shape mismatch(es)", mismatched), ("dtype mismatch(es)", wrong_dtype),
+                            ("weight(s) with NaN or infinite values", non_finite)]
         if names
     ]
     if problems:
         raise PretrainedLoadError(
-            f"{path} does not match the model ({'; '.join(problems)}); was it saved from a model with another config?"
+            f"{path} does not match the model ({'; '.join(problems)}); was it saved from a model with another config, "
+            f"or damaged?"
         )
+
+
+def _same_kind(expected: torch.dtype, found: torch.dtype) -> bool:
+    """Floats load into floats of any precision; any other dtype (integer counters, bool) must match exactly."""
+    return (expected.is_floating_point and found.is_floating_point) or expected == found
+
+
+def _dtype(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def _some(names: list[str]) -> str:

@@ -164,6 +164,20 @@ def reshape_h0(state):
     state["h0"] = torch.zeros(1, 2, 2)
 
 
+def retype(name: str, dtype: torch.dtype):
+    def edit(state):
+        state[name] = state[name].to(dtype)
+    return edit
+
+
+def poison(name: str, value: float, dtype: torch.dtype = torch.float32):
+    """Put ``value`` (NaN, inf, or a float64 too large for float32) into one element of weight ``name``."""
+    def edit(state):
+        state[name] = state[name].to(dtype)
+        state[name].view(-1)[1] = value
+    return edit
+
+
 def truncate(folder: Path) -> None:
     data = (folder / "model.safetensors").read_bytes()
     (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
@@ -185,6 +199,16 @@ BROKEN = {
     "truncated": (truncate, r"model\.safetensors is not a readable safetensors file"),
     "garbage": (garbage, r"model\.safetensors is not a readable safetensors file"),
     "invalid config": (bad_config, r"config\.json.*not a valid NVAE config.*image_size"),
+    "int64 weight": (lambda f: edit_weights(f, retype("stem.weight", torch.int64)),
+                     r"1 dtype mismatch\(es\): stem\.weight \(expected float32, found int64\)"),
+    "bool weight": (lambda f: edit_weights(f, retype("h0", torch.bool)), r"h0 \(expected float32, found bool\)"),
+    "float counter": (lambda f: edit_weights(f, retype("sr_steps", torch.float32)),
+                      r"sr_steps \(expected int64, found float32\)"),
+    "NaN weight": (lambda f: edit_weights(f, poison("stem.bias", float("nan"))),
+                   r"1 weight\(s\) with NaN or infinite values: stem\.bias"),
+    "inf statistic": (lambda f: edit_weights(f, poison("preprocess.0.ops.0.0.running_var", float("inf"))),
+                      r"NaN or infinite values: preprocess\.0\.ops\.0\.0\.running_var"),
+    "inf in float32": (lambda f: edit_weights(f, poison("h0", 1e39, torch.float64)), r"NaN or infinite values: h0"),
 }
 
 
@@ -199,6 +223,12 @@ def test_broken_files_raise_clear_errors(saved, tmp_path, case, loader):
         load(folder)
     if loader == "load_pretrained":  # errors name the full path of the file
         assert str(folder) in str(info.value)
+
+
+def test_weights_stored_in_another_float_precision_load(model, x, saved, tmp_path):
+    folder = copy_of(saved, tmp_path)
+    edit_weights(folder, lambda state: state.update({k: v.double() for k, v in state.items() if v.is_floating_point()}))
+    assert_same_model(load_pretrained(folder), model, x)  # float32 -> float64 -> float32 is exact
 
 
 @pytest.mark.parametrize("missing", ["config.json", "model.safetensors"])
