@@ -12,6 +12,19 @@ from typing import Any
 OUTPUTS = ("bernoulli", "logistic_mixture")
 CHANNEL_MULT = 2  # every down-sampling doubles the channels, every up-sampling halves them
 MAX_FLOWS = 8  # pairs of flow cells per group (the paper uses at most 2)
+MAX_PARAMETERS = 1_000_000_000
+"""The largest model a config may describe (4 GB of float32 weights; the paper's largest has about a third)."""
+MAX_GROUP_CELLS = 2048
+"""The most residual cells in the latent groups, encoder and decoder together (the paper's largest model has 144):
+each is a module to build, and thousands take minutes even when small."""
+LIMITS: dict[str, int] = {
+    "image_size": 1024, "padding": 64, "num_mixtures": 100, "num_bits": 16, "num_channels": 4096,
+    "num_preprocess_blocks": 8, "num_preprocess_cells": 32, "num_postprocess_blocks": 8,
+    "num_postprocess_cells": 32, "num_scales": 8, "groups_per_scale": 256, "min_groups_per_scale": 256,
+    "latent_channels": 1024, "cells_per_group_enc": 32, "cells_per_group_dec": 32, "power_iterations": 1000,
+}
+"""The largest value of every size field: far above any published NVAE, low enough that a typo (10**7 groups)
+is refused at once instead of building for minutes or asking for terabytes."""
 
 
 @dataclass(frozen=True)
@@ -127,25 +140,13 @@ class NVAEConfig:
         def fail(name: str, rule: str) -> None:
             raise ValueError(f"NVAEConfig.{name}={getattr(self, name)!r} is invalid: {rule}")
 
-        positive = [
-            "image_size", "channels", "num_mixtures", "num_bits", "num_channels", "num_preprocess_blocks",
-            "num_preprocess_cells", "num_postprocess_blocks", "num_postprocess_cells", "num_scales",
-            "groups_per_scale", "min_groups_per_scale", "latent_channels", "cells_per_group_enc",
-            "cells_per_group_dec",
-        ]
-        for name in positive:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                fail(name, "it must be an integer >= 1")
+        for name, most in LIMITS.items():
+            value, least = getattr(self, name), 0 if name == "padding" else 1
+            if isinstance(value, bool) or not isinstance(value, int) or not least <= value <= most:
+                fail(name, f"it must be an integer >= {least} and <= {most}")
         for name in ["adaptive_groups", "use_se", "kl_balance"]:
             if not isinstance(getattr(self, name), bool):
                 fail(name, "it must be true or false")
-        if isinstance(self.padding, bool) or not isinstance(self.padding, int) or self.padding < 0:
-            fail("padding", "it must be an integer >= 0")
-        if isinstance(self.power_iterations, bool) or not isinstance(self.power_iterations, int) or (
-            self.power_iterations < 1
-        ):
-            fail("power_iterations", "it must be an integer >= 1")
         if isinstance(self.num_flows, bool) or not isinstance(self.num_flows, int) or not (
             0 <= self.num_flows <= MAX_FLOWS
         ):
@@ -154,8 +155,6 @@ class NVAEConfig:
             fail("output", f"it must be one of {', '.join(OUTPUTS)}")
         if self.channels not in (1, 3):
             fail("channels", "it must be 1 (grayscale) or 3 (RGB)")
-        if self.num_bits > 16:
-            fail("num_bits", "it must be at most 16")
         if self.num_preprocess_blocks != self.num_postprocess_blocks:
             fail("num_postprocess_blocks", "it must equal num_preprocess_blocks so the decoder returns to the "
                  "image resolution")
@@ -176,6 +175,69 @@ class NVAEConfig:
                 f"2**(num_preprocess_blocks + num_scales - 1) = {self.total_downsampling}; change padding, "
                 f"image_size or the number of blocks/scales",
             )
+        cells = self.num_groups * (self.cells_per_group_enc + self.cells_per_group_dec)
+        if cells > MAX_GROUP_CELLS:
+            raise ValueError(
+                f"this NVAEConfig has {self.num_groups} latent groups of {self.cells_per_group_enc} encoder and "
+                f"{self.cells_per_group_dec} decoder cells: {cells:,} cells, more than the limit of "
+                f"{MAX_GROUP_CELLS:,}; reduce groups_per_scale, num_scales or the cells per group"
+            )
+        count = self.estimated_num_parameters()
+        if count > MAX_PARAMETERS:
+            raise ValueError(
+                f"this NVAEConfig describes a model of about {count:,} parameters ({4 * count / 2**30:,.1f} GiB of "
+                f"float32 weights), more than the limit of {MAX_PARAMETERS:,}; reduce num_channels (doubled at "
+                f"each of the {self.num_preprocess_blocks + self.num_scales - 1} down-samplings), the numbers of "
+                f"groups and cells, or latent_channels"
+            )
+
+    def estimated_num_parameters(self) -> int:
+        """How many parameters ``NVAE(config)`` has, counted from the config without building the model (so that
+        absurd sizes are refused at once). A test holds it to the built model's count for every preset."""
+
+        def conv(c_in: int, c_out: int, k: int) -> int:  # weight-normalised, with a bias
+            return c_in * c_out * k * k + 2 * c_out
+
+        def se(c: int) -> int:  # squeeze-and-excitation: two linear layers through max(c // 16, 4) units
+            hidden = max(c // 16, 4)
+            return 2 * c * hidden + hidden + c if self.use_se else 0
+
+        def residual(c: int, c_out: int) -> int:  # BN-Swish-conv 3x3 twice, the skip of a down-sampling cell
+            skip = conv(c, c_out, 1) if c_out != c else 0
+            return 2 * c + conv(c, c_out, 3) + 2 * c_out + conv(c_out, c_out, 3) + skip + se(c_out)
+
+        def mbconv(c: int, e: int, c_out: int) -> int:  # 1x1 expand, 5x5 depthwise, 1x1 project, BNs; up-sampling
+            skip = conv(c, c_out, 1) if c_out != c else 0
+            return 2 * c + e * c * c + 4 * e * c + 25 * e * c + e * c * c_out + 2 * c_out + skip + se(c_out)
+
+        ch, zc, groups = self.num_channels, self.latent_channels, self.groups_per_scale_list
+        total = conv(self.channels, ch, 3)  # the stem
+        for _ in range(self.num_preprocess_blocks):
+            total += (self.num_preprocess_cells - 1) * residual(ch, ch) + residual(ch, CHANNEL_MULT * ch)
+            ch *= CHANNEL_MULT
+        for s in reversed(range(self.num_scales)):  # the encoder, finest scale first
+            total += groups[s] * self.cells_per_group_enc * residual(ch, ch)
+            if s > 0:
+                total += residual(ch, CHANNEL_MULT * ch)
+                ch *= CHANNEL_MULT
+        side = self.padded_size // self.total_downsampling
+        total += ch * side * side + conv(ch, ch, 1)  # h0 and the 1x1 convolution of the top encoder feature
+        for s in range(self.num_scales):  # the decoder, coarsest scale first
+            total += groups[s] * (conv(ch, 2 * zc, 3) + conv(ch + zc, ch, 1))  # posterior heads, combiners with z
+            later = groups[s] - 1 if s == 0 else groups[s]  # every group but the very first: cells, prior, combiner
+            total += later * (self.cells_per_group_dec * mbconv(ch, 6, ch) + conv(ch, 2 * zc, 1) + conv(ch, ch, 1))
+            if s + 1 < self.num_scales:
+                total += mbconv(ch, 6, ch // CHANNEL_MULT)
+                ch //= CHANNEL_MULT
+        for _ in range(self.num_postprocess_blocks):
+            total += mbconv(ch, 3, ch // CHANNEL_MULT) + (self.num_postprocess_cells - 1) * mbconv(
+                ch // CHANNEL_MULT, 3, ch // CHANNEL_MULT)
+            ch //= CHANNEL_MULT
+        # the posterior flows: num_flows pairs of cells per group: masked convolutions 3x3 zc -> 6zc and 5x5
+        # depthwise without biases, then 1x1 6zc -> zc
+        flow_cell = (9 * zc * 6 * zc + 6 * zc) + (25 * 6 * zc + 6 * zc) + conv(6 * zc, zc, 1)
+        total += self.num_groups * 2 * self.num_flows * flow_cell
+        return total + conv(ch, self.output_channels, 3)  # the output head
 
     # ------------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict[str, Any]:

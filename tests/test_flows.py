@@ -303,6 +303,7 @@ def test_flow_presets_build_on_cpu_with_the_reference_parameter_counts(preset, r
     millions = sum(p.numel() for p in model.parameters()) / 1e6
     assert abs(millions - REFERENCE_MILLIONS[preset]) < 0.05, millions
     assert len(model.flows) == model.num_groups == sum(model.groups_per_scale)
+    assert abs(model.config.estimated_num_parameters() / 1e6 - millions) <= 0.01 * millions  # the config's estimate
 
 
 def test_the_cifar10_preset_trains_a_step_on_cpu(cifar10):

@@ -45,6 +45,16 @@ def test_small_presets_give_finite_losses_of_the_right_shapes(preset):
     assert out.spectral > 0 and out.bn > 0
 
 
+@pytest.mark.parametrize("preset", [name for name in NVAEConfig.presets() if not NVAEConfig.preset(name).num_flows])
+def test_every_preset_builds_with_the_parameter_count_its_config_estimates(preset):
+    """The presets with flows, large and slow to build, are built and checked once, in test_flows.py."""
+    model = make(preset)
+    count = sum(p.numel() for p in model.parameters())
+    estimate = model.config.estimated_num_parameters()  # what the config checks against its limit before building
+    assert abs(estimate - count) <= 0.01 * count, f"estimated {estimate:,} parameters, built {count:,}"
+    assert model.num_groups == sum(model.groups_per_scale)
+
+
 def test_mnist_preset_matches_the_paper_architecture():
     model = make("mnist")
     # The reference implementation counts 33.4M parameters for this configuration.
