@@ -7,14 +7,16 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-from huggingface_hub import HfApi, ModelCard, RepoUrl
+from huggingface_hub import HfApi, ModelCard, RepoUrl, constants
 from safetensors.torch import load_file, save_file
 
 import nvae_hub
@@ -98,6 +100,13 @@ def test_a_bundled_name_loads_its_folder(model, x, saved, monkeypatch):
     assert_same_model(load_pretrained("tiny-test"), model, x)
 
 
+def test_bundled_names_match_in_any_case(model, x, saved, monkeypatch):
+    monkeypatch.setitem(hub_module.BUNDLED_MODELS, "tiny-test", saved)
+    for name in ("TINY-TEST", "Tiny-Test"):
+        assert_same_model(load_pretrained(name), model, x)
+    assert hub_module.bundled_model("MNIST") == hub_module.bundled_model("mnist") == hub_module.BUNDLED_DIR / "mnist"
+
+
 # ---------------------------------------------------------------- the Hub cache, offline
 @pytest.fixture
 def cache(saved: Path, tmp_path: Path) -> Path:
@@ -143,6 +152,37 @@ except PretrainedLoadError as err:
     out = load_file(tmp_path / "out.st")
     sample, recon = outputs(model, x)
     assert torch.equal(out["sample"], sample) and torch.equal(out["recon"], recon)
+
+
+@pytest.fixture
+def unreachable_hub(monkeypatch):
+    """Online mode with a Hub endpoint that refuses connections (a bound port that nobody listens on); returns the
+    list of the seconds that anything slept (huggingface_hub's retries sleep), recorded instead of slept."""
+    with socket.socket() as closed_port:
+        closed_port.bind(("127.0.0.1", 0))
+        monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{closed_port.getsockname()[1]}")
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        sleeps: list[float] = []
+        monkeypatch.setattr(time, "sleep", sleeps.append)
+        yield sleeps
+
+
+def test_a_bare_name_that_is_not_bundled_fails_at_once_with_the_bundled_names(unreachable_hub):
+    with pytest.raises(PretrainedLoadError, match=r"^'nope' is not a local folder, nor a bundled model \(bundled: "
+                                                  r"mnist\), nor a Hub repo id \('user/name'\)$"):
+        load_pretrained("nope")
+    with pytest.raises(PretrainedLoadError, match=r"'MNSIT' is not .*; did you mean 'mnist'\?$"):
+        load_pretrained("MNSIT")
+    assert unreachable_hub == []
+
+
+def test_an_unreachable_hub_means_the_cache_only_and_no_retries(model, x, cache, unreachable_hub):
+    assert_same_model(load_pretrained("someuser/nvae-tiny", cache_dir=cache), model, x)
+    message = (r"could not get config\.json of Hub repo 'someuser/unknown'; the Hub \(http://127\.0\.0\.1:\d+\) cannot "
+               r"be reached \(ConnectError.*\), so only its cache was searched: not in the cache \(.*bundled: mnist\)")
+    with pytest.raises(PretrainedLoadError, match=message):
+        load_pretrained("someuser/unknown", cache_dir=cache)
+    assert unreachable_hub == []
 
 
 # ---------------------------------------------------------------- errors
