@@ -5,6 +5,10 @@ into plain weights, and optionally with BatchNorm statistics re-estimated at a c
 take the prior noise or the latents as inputs, so none of them draws random numbers. It uses the dynamo
 exporter (``torch.onnx.export(..., dynamo=True)``) with a dynamic batch dimension, and embeds the weights in
 each ``.onnx`` file.
+
+Options that cannot work (an opset the exporter cannot write, zero re-estimation batches, an output path that is a
+file, ...) are refused before anything is exported, and so is a model whose samples are degenerate (NaN, or flat:
+black, white or one grey), e.g. after a failed BatchNorm re-estimation.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import onnx
 import torch
 from torch import Tensor, nn
 
+from . import validation
 from .model import NVAE
 from .onnx import FORMAT_VERSION, META_FILE
 
@@ -30,6 +35,59 @@ ENCODER_FILE = "encoder.onnx"
 RANDOM_OPS = frozenset({"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial",
                         "Bernoulli"})
 EXAMPLE_BATCH = 2  # batch size of the example inputs; 1 would let torch.export specialise the batch dimension
+MIN_OPSET = 18  # the dynamo exporter writes opset 18 and up; asked for less, it silently writes 18
+DEFAULT_READJUST_BN_BATCHES = 20
+DEFAULT_READJUST_BN_BATCH_SIZE = 64
+CHECK_SAMPLES = 8  # samples drawn to check that the exported model is not degenerate
+MIN_CONTRAST = 1 / 256  # a sample whose pixels all lie closer together than one 8-bit grey level is flat
+
+
+class DegenerateModelError(RuntimeError):
+    """The model to export draws degenerate samples (NaN or infinite values, or every sample flat)."""
+
+
+def check_export_options(output_dir: str | os.PathLike, opset: int | None = None,
+                         readjust_bn_temperature: float | None = None, readjust_bn_batches: int | None = None,
+                         readjust_bn_batch_size: int | None = None) -> tuple[int | None, float | None, int, int]:
+    """The options of ``export_onnx`` checked, as plain Python values with the re-estimation defaults filled in:
+    (opset, temperature or None, batches, batch size). Raises ``ValueError``/``TypeError``, before any model is loaded
+    or exported, for options that cannot work: an output path that exists and is not a folder, an opset outside
+    what the exporter writes, a bad re-estimation temperature, batch count or batch size, or a batch count or
+    size without a temperature."""
+    out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"the output {out} exists and is not a folder")
+    if opset is not None:
+        opset = validation.integer(opset, "opset", MIN_OPSET, onnx.defs.onnx_opset_version())
+    if readjust_bn_temperature is None:
+        given = [name for name, value in [("readjust_bn_batches", readjust_bn_batches),
+                                          ("readjust_bn_batch_size", readjust_bn_batch_size)] if value is not None]
+        if given:
+            verb = "apply" if len(given) > 1 else "applies"
+            raise ValueError(f"{' and '.join(given)} only {verb} with readjust_bn_temperature (the BatchNorm "
+                             f"re-estimation); give a temperature or leave it out")
+        return opset, None, DEFAULT_READJUST_BN_BATCHES, DEFAULT_READJUST_BN_BATCH_SIZE
+    temperature = validation.temperature(readjust_bn_temperature, "readjust_bn_temperature")
+    batches = DEFAULT_READJUST_BN_BATCHES if readjust_bn_batches is None else readjust_bn_batches
+    batch_size = DEFAULT_READJUST_BN_BATCH_SIZE if readjust_bn_batch_size is None else readjust_bn_batch_size
+    return (opset, temperature, validation.integer(batches, "readjust_bn_batches"),
+            validation.integer(batch_size, "readjust_bn_batch_size"))
+
+
+def check_samples(model: NVAE, temperature: float) -> None:
+    """Raise ``DegenerateModelError`` if ``model``'s samples at ``temperature`` (seed 0) hold NaN or infinite
+    values, or are all flat (every pixel of each within ``MIN_CONTRAST`` of the others: black, white or grey)."""
+    with torch.no_grad():
+        images = model.sample(CHECK_SAMPLES, temperature, seed=0).float()
+    if not torch.isfinite(images).all():
+        raise DegenerateModelError(f"the model's samples at temperature {temperature} hold NaN or infinite values")
+    contrast = (images.amax(dim=(1, 2, 3)) - images.amin(dim=(1, 2, 3))).max().item()
+    if contrast < MIN_CONTRAST:
+        raise DegenerateModelError(
+            f"the model's samples at temperature {temperature} are flat: every pixel of each lies within "
+            f"{contrast:.2g} of the others (mean {images.mean().item():.3g}); the weights or the BatchNorm "
+            f"statistics are broken"
+        )
 
 
 class _NoiseDecoder(nn.Module):
@@ -68,8 +126,9 @@ class _Encoder(nn.Module):
         return tuple(zs)
 
 
-def prepare_for_export(model: NVAE, readjust_bn_temperature: float | None = None, readjust_bn_batches: int = 20,
-                       readjust_bn_batch_size: int = 64) -> NVAE:
+def prepare_for_export(model: NVAE, readjust_bn_temperature: float | None = None,
+                       readjust_bn_batches: int = DEFAULT_READJUST_BN_BATCHES,
+                       readjust_bn_batch_size: int = DEFAULT_READJUST_BN_BATCH_SIZE) -> NVAE:
     """A copy of ``model`` ready to export: CPU, float32, the decoder's BatchNorm statistics optionally re-estimated
     for sampling at ``readjust_bn_temperature``, weight normalisation folded, eval mode. ``model`` itself is not
     changed."""
@@ -108,9 +167,13 @@ def _export_graph(module: nn.Module, args: tuple[Tensor, ...], path: Path, input
             for info in infos
         ]
 
+    written_opset = next(entry.version for entry in proto.opset_import if entry.domain in ("", "ai.onnx"))
+    if opset is not None and written_opset != opset:
+        raise RuntimeError(f"{path.name}: the exporter wrote opset {written_opset} instead of the opset {opset} "
+                           f"asked for")
     return {
         "file": path.name,
-        "opset": next(entry.version for entry in proto.opset_import if entry.domain in ("", "ai.onnx")),
+        "opset": written_opset,
         "inputs": values(proto.graph.input),
         "outputs": values(proto.graph.output),
     }
@@ -133,18 +196,24 @@ def graph_op_types(proto: onnx.ModelProto) -> set[str]:
 
 
 def export_onnx(model: NVAE, output_dir: str | os.PathLike, *, source: str | None = None, opset: int | None = None,
-                readjust_bn_temperature: float | None = None, readjust_bn_batches: int = 20,
-                readjust_bn_batch_size: int = 64) -> dict[str, Any]:
+                readjust_bn_temperature: float | None = None, readjust_bn_batches: int | None = None,
+                readjust_bn_batch_size: int | None = None) -> dict[str, Any]:
     """Write ``decoder.onnx``, ``decode_latents.onnx``, ``encoder.onnx`` and ``nvae_onnx.json`` to ``output_dir``.
 
     ``source`` (the model's name or path) is recorded in the JSON. ``opset`` defaults to the exporter's.
     With ``readjust_bn_temperature`` the decoder's BatchNorm statistics are first re-estimated on
-    ``readjust_bn_batches`` batches of ``readjust_bn_batch_size`` samples at that temperature, for the sampling
-    graph only (``NVAE.readjust_bn``). ``model`` is not changed. Returns the JSON's content.
+    ``readjust_bn_batches`` (default 20) batches of ``readjust_bn_batch_size`` (default 64) samples at that
+    temperature, for the sampling graph only (``NVAE.readjust_bn``). ``model`` is not changed. Options that cannot
+    work raise ``ValueError`` (``check_export_options``) and a model with degenerate samples at the temperature (1
+    without re-estimation) raises ``DegenerateModelError``, both before anything is written. Returns the JSON's
+    content.
     """
+    opset, temperature, batches, batch_size = check_export_options(
+        output_dir, opset, readjust_bn_temperature, readjust_bn_batches, readjust_bn_batch_size)
+    prepared = prepare_for_export(model, temperature, batches, batch_size)
+    check_samples(prepared, 1.0 if temperature is None else temperature)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    prepared = prepare_for_export(model, readjust_bn_temperature, readjust_bn_batches, readjust_bn_batch_size)
     cfg, num_groups = prepared.config, prepared.num_groups
     batch = torch.export.Dim("batch", min=1)
     per_group = tuple({0: batch} for _ in range(num_groups))
@@ -184,10 +253,10 @@ def export_onnx(model: NVAE, output_dir: str | os.PathLike, *, source: str | Non
         "torch_version": torch.__version__,
         "opset": graphs["decoder"]["opset"],
         "bn_readjust": {
-            "applied": readjust_bn_temperature is not None,
-            "temperature": readjust_bn_temperature,
-            "num_batches": readjust_bn_batches if readjust_bn_temperature is not None else None,
-            "batch_size": readjust_bn_batch_size if readjust_bn_temperature is not None else None,
+            "applied": temperature is not None,
+            "temperature": temperature,
+            "num_batches": batches if temperature is not None else None,
+            "batch_size": batch_size if temperature is not None else None,
         },
     }
     (out / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
