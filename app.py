@@ -26,9 +26,9 @@ import logging
 import math
 import os
 import reprlib
+import secrets
 import shutil
 import socket
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Collection, Iterator, Sequence
@@ -135,7 +135,8 @@ def find_onnx_export(model: NVAE, model_name_or_path: str, onnx_dir: str | os.Pa
         # The exporter warns about every torchvision op it cannot register; the NVAE needs none of them.
         logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
         target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{digest}-"))
+        staging = target.parent / f".{digest}-{secrets.token_hex(8)}"
+        staging.mkdir()  # not mkdtemp, whose folders are private (0700): the umask decides, as for any folder
         try:
             export_onnx(model, staging, source=str(model_name_or_path))
             os.replace(staging, target)  # atomic: a concurrent start sees all of it or none

@@ -20,6 +20,7 @@ import logging
 import math
 import os
 import pickle
+import secrets
 import shutil
 import subprocess
 import sys
@@ -160,9 +161,11 @@ class RestrictedUnpickler(pickle.Unpickler):
 def _save_npz_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
     """Write ``arrays`` to ``path`` as .npz so that readers see either no file or the complete file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    # Not mkstemp, which makes the file private (0600): created like any other file, the user's umask decides who
+    # else may read it (a cache shared by a team).
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp"
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "xb") as f:
             np.savez(f, **arrays)
         os.replace(tmp, path)
     except BaseException:
