@@ -122,6 +122,24 @@ def test_evaluate_prints_one_json_object(trained):
     assert report["bits_per_dim"] == pytest.approx(report["nll_nats"] / (16 * 16 * math.log(2)))
 
 
+def test_fine_tuning_starts_from_the_given_models_config_and_weights(trained, tmp_path, capsys):
+    out, _ = trained
+    start = load_pretrained(out / "final")
+    # At a learning rate of 0 nothing can move: the fine-tuned model must hold exactly the weights it started from.
+    fine_tune = ["--dataset", "synthetic", "--batch-size", "16", "--max-steps", "2", "--lr", "0", "--lr-min", "0"]
+    run.main([*fine_tune, "--init-from", str(out / "final"), "--output-dir", str(tmp_path / "tuned")])
+    tuned = load_pretrained(tmp_path / "tuned" / "final")
+    assert tuned.config == start.config
+    for (name, before), after in zip(start.named_parameters(), tuned.parameters(), strict=True):
+        assert torch.equal(before, after), name
+    assert "--init-from" in (tmp_path / "tuned" / "final" / "README.md").read_text()
+
+    with pytest.raises(SystemExit) as exit_info:
+        run.main([*fine_tune, "--init-from", str(tmp_path / "nothing"), "--output-dir", str(tmp_path / "refused")])
+    assert exit_info.value.code == 1 and "--init-from" in capsys.readouterr().err
+    assert not (tmp_path / "refused" / "log.jsonl").exists()
+
+
 # ---------------------------------------------------------------------------------------------- skipped updates
 
 

@@ -39,6 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--preset", default="mnist-small", choices=NVAEConfig.presets(),
                        help="model configuration (default: mnist-small)")
     model.add_argument("--config", default=None, help="a model config JSON file, instead of --preset")
+    model.add_argument("--init-from", default=None, metavar="MODEL",
+                       help="fine-tune: start from a trained model's config and weights (a folder with config.json "
+                            "+ model.safetensors, a bundled name or a Hub repo id); optimizer and schedules start "
+                            "afresh")
     what.add_argument("--dataset", required=True, choices=DATASETS, help="training data set")
     what.add_argument("--data-dir", default=None,
                       help="data folder: the download cache for mnist/cifar10 (default $NVAE_HUB_CACHE or "

@@ -42,8 +42,9 @@ from nvae_hub import NVAE, NVAEConfig
 from nvae_hub.card import TrainingInfo
 from nvae_hub.data import binarize, build_dataset
 from nvae_hub.evaluation import evaluate_nll
-from nvae_hub.hub import push_to_hub, save_pretrained
+from nvae_hub.hub import load_pretrained, push_to_hub, save_pretrained
 from nvae_hub.schedules import kl_warmup, reg_weight
+from nvae_hub.weights import PretrainedLoadError
 
 # isort: split
 # Modules next to this one: Python puts the folder of the script it runs (train/) first on sys.path.
@@ -142,6 +143,16 @@ def model_config(args: argparse.Namespace) -> NVAEConfig:
     return NVAEConfig.load(args.config) if args.config else NVAEConfig.preset(args.preset)
 
 
+def initial_model(args: argparse.Namespace) -> NVAE | None:
+    """The trained model named by --init-from (loaded strictly from safetensors), or None to start afresh."""
+    if args.init_from is None:
+        return None
+    try:
+        return load_pretrained(args.init_from)
+    except (PretrainedLoadError, OSError, ValueError) as error:
+        raise SetupError(f"--init-from {args.init_from}: {error}") from error
+
+
 def hardware_description(accelerator: Accelerator) -> str:
     """E.g. '2 x NVIDIA H100 80GB HBM3, mixed precision bf16' or '1 x CPU (16 cores), mixed precision no'."""
     device = accelerator.device
@@ -195,7 +206,8 @@ def run_training(args: argparse.Namespace, accelerator: Accelerator) -> dict[str
     checkpoint_dir, log_path, eval_path = out_dir / "checkpoints", out_dir / "log.jsonl", out_dir / "eval.jsonl"
 
     # ---- resume (the checkpoint's config is compared before anything is built), or refuse to overwrite a run
-    cfg = model_config(args)
+    initial = initial_model(args)
+    cfg = initial.config if initial is not None else model_config(args)
     resume_from = find_resume_checkpoint(accelerator, checkpoint_dir, args.resume) if args.resume else None
     if resume_from is not None:
         check_config(resume_from, cfg)
@@ -208,6 +220,8 @@ def run_training(args: argparse.Namespace, accelerator: Accelerator) -> dict[str
     # ---- model, EMA, optimizer (the same initial weights in every process, then per-process noise)
     set_seed(args.seed)
     model = NVAE(cfg)
+    if initial is not None:  # fine-tuning: the weights, BN statistics and spectral vectors of that model
+        model.load_state_dict(initial.state_dict())
     ema = EMA(model, args.ema_decay)
     ema.module.to(accelerator.device)
     set_seed(args.seed, device_specific=True)
