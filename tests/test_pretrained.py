@@ -99,3 +99,20 @@ def test_reconstructions_of_test_digits_keep_their_class(model, mnist, digit_cla
         accuracy = (digit_classifier(recon.flatten(1)).argmax(1) == torch.from_numpy(y[:100]).long()).float().mean()
     assert accuracy > 0.85
     assert np.isfinite(recon.numpy()).all()
+
+
+def test_the_coarsest_scale_carries_the_digit(model, mnist, digit_classifier):
+    """Variable control, the paper's reading of the hierarchy: test digit A decoded with the coarsest scale's latents
+    taken from digit B (of another class) reads as B's digit far more often than A decoded with every finer scale
+    from B (measured on these 177 pairs: 58% against 16%; with digits binarised at random, the issue measured
+    71% against 14%)."""
+    x, y = mnist["test"]
+    x, y = torch.from_numpy(x[:400]).round(), torch.from_numpy(y[:400]).long()
+    other_class = y[:200] != y[200:]
+    a, b, b_class = x[:200][other_class], x[200:][other_class], y[200:][other_class]
+    with torch.no_grad():
+        coarse_from_b = model.swap(a, b, scales=[0])
+        fine_from_b = model.swap(a, b, scales=range(1, model.num_scales))
+        read_as_b = [(digit_classifier(images.flatten(1)).argmax(1) == b_class).float().mean().item()
+                     for images in (coarse_from_b, fine_from_b)]
+    assert read_as_b[0] > 0.45 and read_as_b[1] < 0.28 and read_as_b[0] > 2.5 * read_as_b[1], read_as_b
