@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install browser demo test lint bench analysis
+.PHONY: install browser demo test test-gpu lint bench analysis
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,12 @@ lint: install
 
 test: install browser lint
 	$(PY) -m pytest -q
+
+# On a machine with an NVIDIA GPU, in a Python that has a CUDA build of torch (not .venv's CPU wheel): the CUDA
+# tests, tests/test_cuda.py. bench/gpu_check.sh runs them with the CUDA benchmarks.
+GPU_PYTHON ?= python3
+test-gpu:
+	$(GPU_PYTHON) -m pytest -q -m cuda
 
 bench: install
 	$(PY) bench/train_step.py --preset mnist --batch-size 16

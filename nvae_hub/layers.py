@@ -72,8 +72,10 @@ class Conv2d(nn.Conv2d):
 
     def forward(self, x: Tensor) -> Tensor:
         weight = self.effective_weight()
-        if self.training and torch.is_grad_enabled():
-            self.forward_weight = weight  # reused by the spectral regulariser of this training step
+        if self.training and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            # Reused by the spectral regulariser of this training step. (A compiled graph recomputes it instead:
+            # state kept on the module would make torch.compile guard on it and recompile.)
+            self.forward_weight = weight
         return self._conv_forward(x, weight, self.bias)
 
     def take_forward_weight(self) -> Tensor:
@@ -189,8 +191,15 @@ def spectral_loss(convs: list[Conv2d], iterations: int, update: bool) -> Tensor:
 
     Weights of the same shape are stacked so that each power iteration is one batched matmul. Each
     convolution contributes the weight of its last training forward pass when there is one (no recomputation).
-    With ``update`` the singular-vector buffers take ``iterations`` more power-iteration steps first.
+    With ``update`` the singular-vector buffers take ``iterations`` more power-iteration steps first. It all
+    runs in float32, also under autocast: in bfloat16 the power iteration would not converge to better than
+    about 1% and the estimates would jitter from step to step.
     """
+    with torch.autocast(convs[0].weight.device.type, enabled=False):
+        return _spectral_loss(convs, iterations, update)
+
+
+def _spectral_loss(convs: list[Conv2d], iterations: int, update: bool) -> Tensor:
     by_shape: dict[tuple[int, ...], list[Conv2d]] = {}
     for conv in convs:
         by_shape.setdefault(tuple(conv.weight.shape), []).append(conv)

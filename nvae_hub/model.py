@@ -218,8 +218,14 @@ class NVAE(
         self.flows = nn.ModuleList(PosteriorFlow(zc, cfg.num_flows) for _ in range(num_groups) if cfg.num_flows)
 
         self.register_buffer("kl_alpha", kl_balance_coefficients(self.groups_per_scale), persistent=False)
-        # Number of spectral-regulariser updates so far: the first one runs 10x the power iterations.
+        # Number of spectral-regulariser updates so far.
         self.register_buffer("sr_steps", torch.zeros((), dtype=torch.long))
+        # The singular-vector estimates start converged: 10x the power iterations on the initial weights (the
+        # official code runs them at its first training step; here, so that no step has to ask whether it is
+        # the first, which would stall the GPU).
+        with torch.no_grad():
+            spectral_loss(self._convs(), 10 * cfg.power_iterations, update=True)
+        self._compiled_decode: Callable[[list[Tensor], Tensor], Tensor] | None = None
 
     # ================================================================== basic facts
     @property
@@ -341,31 +347,44 @@ class NVAE(
         return params, zs, posteriors, priors
 
     # ================================================================== training objective
-    def loss(self, x: Tensor, kl_weight: float = 1.0, reg_weight: float | None = None, beta: float = 1.0) -> LossOutput:
+    def loss(self, x: Tensor, kl_weight: float | Tensor = 1.0, reg_weight: float | Tensor | None = None,
+             beta: float = 1.0, *, check_inputs: bool = True) -> LossOutput:
         """The negative ELBO with KL warm-up/balancing, plus the regularisers, for a batch ``x``.
 
         ``kl_weight`` is the KL warm-up coefficient (1 = the true ELBO); while it is below 1 and the config
         asks for it, the KL is balanced across groups. ``beta`` multiplies the (warmed-up) KL term, as in the
         beta-VAE (Higgins et al., 2017); 1 is the ELBO. ``reg_weight`` overrides ``config.reg_weight`` (the
         trainer anneals it). The regularisers' power iteration advances only in training mode.
+
+        Both weights may be 0-d tensors on the model's device, as the trainer passes them: then nothing here
+        waits for the device, and a compiled loss is not recompiled when they change. ``check_inputs=False``
+        skips the validation of ``x`` (which reads its minimum and maximum back to the host); the trainer checks
+        its batches on the host before they reach the device.
         """
-        x = self._check_images(x)
+        if check_inputs:
+            x = self._check_images(x)
+        reg_weight = self.config.reg_weight if reg_weight is None else reg_weight
+        # The layers are listed before the forward pass: torch.compile cannot walk the module tree once the
+        # convolutions have kept their forward weights (see Conv2d.forward) without breaking the graph.
+        layers = (self._convs(), self._batch_norms()) if isinstance(reg_weight, Tensor) or reg_weight > 0 else None
         params, _, posteriors, priors = self._posterior_pass(x)
         recon = -self._log_likelihood(params, x)
         kl_per_group = torch.stack([q.kl(p).flatten(1).sum(dim=1) for q, p in zip(posteriors, priors, strict=True)],
                                    dim=1)
         kl = kl_per_group.sum(dim=1)
-        if self.config.kl_balance and kl_weight < 1.0:
-            weighted_kl = kl_balance(kl_per_group, kl_weight, self.kl_alpha)
-        else:
-            weighted_kl = kl_weight * kl
+        weighted_kl = kl_weight * kl
+        if self.config.kl_balance:
+            if isinstance(kl_weight, Tensor):
+                weighted_kl = torch.where(kl_weight < 1.0, kl_balance(kl_per_group, kl_weight, self.kl_alpha),
+                                          weighted_kl)
+            elif kl_weight < 1.0:
+                weighted_kl = kl_balance(kl_per_group, kl_weight, self.kl_alpha)
         objective = (recon + beta * weighted_kl).mean()
 
-        reg_weight = self.config.reg_weight if reg_weight is None else reg_weight
         zero = objective.new_zeros(())
         spectral, bn = zero, zero
-        if reg_weight > 0:
-            spectral, bn = self.regularizers()
+        if layers is not None:
+            spectral, bn = self._regularizers(*layers)
             objective = objective + reg_weight * (spectral + bn)
         return LossOutput(objective, recon, kl, kl_per_group, spectral, bn)
 
@@ -373,13 +392,13 @@ class NVAE(
         """(spectral, batch-norm) regularisers. In training mode this advances the power iteration.
 
         Call it right after a forward pass (``loss`` does): the spectral term reuses that pass's weights."""
-        update = self.training
-        iterations = self.config.power_iterations
-        if update:
-            if int(self.sr_steps) == 0:
-                iterations *= 10
+        return self._regularizers(self._convs(), self._batch_norms())
+
+    def _regularizers(self, convs: list[Conv2d], norms: list[nn.BatchNorm2d | nn.SyncBatchNorm]
+                      ) -> tuple[Tensor, Tensor]:
+        if self.training:
             self.sr_steps += 1
-        return spectral_loss(self._convs(), iterations, update), batchnorm_loss(self._batch_norms())
+        return spectral_loss(convs, self.config.power_iterations, update=self.training), batchnorm_loss(norms)
 
     def _convs(self) -> list[Conv2d]:
         return [m for m in self.modules() if isinstance(m, Conv2d)]
@@ -421,12 +440,40 @@ class NVAE(
 
     @torch.no_grad()
     @in_eval_mode
-    def sample(self, n: int, temperature: float | Sequence[float] = 1.0, seed: int | None = None) -> Tensor:
+    def sample(self, n: int, temperature: float | Sequence[float] = 1.0, seed: int | None = None, *,
+               compile: bool = False) -> Tensor:
         """``n`` images (n, C, H, W) in [0, 1] from the prior, with sigma scaled by ``temperature`` (one value,
         or one per group). The same seed gives the same images. The pixels are the output distribution's
-        mean (Bernoulli probabilities / logistic-mixture means)."""
+        mean (Bernoulli probabilities / logistic-mixture means).
+
+        With ``compile=True`` the decoder runs through ``torch.compile`` (see ``compiled_decoder``): the first
+        call at each batch size compiles (seconds to minutes), later ones are faster, most of all on a GPU."""
         temperatures = validation.temperatures(temperature, self.num_groups)  # checked before drawing any noise
-        return self.decode_noise(self.sample_noise(n, seed), temperatures)
+        noise = self.sample_noise(n, seed)
+        if not compile:
+            return self.decode_noise(noise, temperatures)
+        temps = torch.tensor([float(t) for t in temperatures], device=self.device)
+        with self._readjusted_bn_statistics():
+            # .clone(): with CUDA graphs the output lives in a buffer that the next call overwrites.
+            return self.compiled_decoder()(noise, temps).clone()
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A copy (copy.deepcopy, pickle) must not share the compiled decoder: it runs the original model.
+        return {**super().__getstate__(), "_compiled_decode": None}
+
+    def compiled_decoder(self) -> Callable[[list[Tensor], Tensor], Tensor]:
+        """The top-down pass of ``decode_noise`` compiled with ``torch.compile`` in one graph, as a function
+        ``(noise, temperatures) -> images`` whose ``temperatures`` is a tensor with one value per group (so that a
+        new temperature does not recompile). On CUDA it replays CUDA graphs (mode "reduce-overhead"): one graph
+        per batch size. Made on first use and kept. It runs the model as it is: ``sample(compile=True)`` puts it
+        in eval mode under ``torch.no_grad()`` with the statistics of ``readjust_bn``, as ``decode_noise`` does."""
+        if self._compiled_decode is None:
+            def decode(noise: list[Tensor], temperatures: Tensor) -> Tensor:
+                return self._decode_noise(noise, list(temperatures.unbind()))
+
+            mode = "reduce-overhead" if self.device.type == "cuda" else None
+            self._compiled_decode = torch.compile(decode, fullgraph=True, dynamic=False, mode=mode)
+        return self._compiled_decode
 
     def _decoder_batch_norms(self) -> list[nn.BatchNorm2d | nn.SyncBatchNorm]:
         """The BatchNorm layers that sampling runs: those of the top-down pass, not the encoder's."""

@@ -1,4 +1,5 @@
-"""The training schedules of NVAE as plain functions: KL warm-up, KL balancing, regulariser annealing."""
+"""The training schedules of NVAE as plain functions: learning-rate warm-up and decay, KL warm-up, KL balancing,
+regulariser annealing."""
 
 from __future__ import annotations
 
@@ -6,6 +7,26 @@ import math
 
 import torch
 from torch import Tensor
+
+KL_CONSTANT_FRACTION = 1e-4
+"""Fraction of training at the start during which the KL weight stays at its minimum (the official code)."""
+LR_WARMUP_STEPS = 500
+"""Default floor of the learning-rate warm-up, in steps (see ``warmup_length``)."""
+
+
+def warmup_length(max_steps: int, fraction: float, min_steps: int) -> int:
+    """Steps of learning-rate warm-up: ``fraction`` of the run, but never fewer than ``min_steps`` (a run shorter
+    than that warms up all along and never reaches the peak rate), and at least 1."""
+    return max(1, round(fraction * max_steps), min_steps)
+
+
+def learning_rate(step: int, max_steps: int, lr: float, lr_min: float, warmup_steps: int) -> float:
+    """Learning rate of step ``step`` (0-based): linear warm-up to ``lr``, then cosine decay to ``lr_min``, which
+    the last step (``max_steps - 1``) reaches."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps + 1) / max(1, max_steps - warmup_steps))
+    return lr_min + 0.5 * (lr - lr_min) * (1.0 + math.cos(math.pi * progress))
 
 
 def kl_warmup(step: int, warmup_steps: int, constant_steps: int = 0, min_weight: float = 1e-4) -> float:

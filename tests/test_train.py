@@ -33,7 +33,8 @@ import evaluate  # noqa: E402
 import run  # noqa: E402
 import trainer  # noqa: E402
 
-TINY = ["--preset", "tiny", "--dataset", "synthetic", "--batch-size", "16", "--lr-warmup", "0.1", "--log-every", "5"]
+TINY = ["--preset", "tiny", "--dataset", "synthetic", "--batch-size", "16", "--lr-warmup", "0.1",
+        "--lr-warmup-steps", "0", "--log-every", "5"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 

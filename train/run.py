@@ -23,6 +23,8 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from nvae_hub import NVAEConfig
 from nvae_hub.data import DATASETS
+from nvae_hub.schedules import LR_WARMUP_STEPS
+from nvae_hub.training import GRAD_CLIP_PER_DIM, SKIP_THRESHOLD_PER_DIM
 
 # isort: split
 # Modules next to this script: Python puts the script's folder (train/) first on sys.path.
@@ -66,21 +68,32 @@ def build_parser() -> argparse.ArgumentParser:
     recipe.add_argument("--lr-warmup", type=float, default=0.0125,
                         help="fraction of training with a linear learning-rate warm-up (default: 0.0125, "
                              "the paper's 5 of 400 epochs)")
+    recipe.add_argument("--lr-warmup-steps", type=int, default=LR_WARMUP_STEPS,
+                        help=f"but warm up for at least this many steps, however short the run (default: "
+                             f"{LR_WARMUP_STEPS}); Adamax at the peak rate from a random start diverges")
     recipe.add_argument("--weight-decay", type=float, default=3e-4, help="Adamax weight decay (default: 3e-4)")
     recipe.add_argument("--kl-warmup", type=float, default=0.3,
                         help="fraction of training over which the KL weight ramps up to 1, with KL balancing "
                              "(default: 0.3)")
     recipe.add_argument("--beta", type=float, default=1.0,
                         help="weight of the KL term after warm-up, as in the beta-VAE (default: 1, the ELBO)")
-    recipe.add_argument("--grad-clip", type=float, default=200.0,
-                        help="clip the gradient norm to this (default: 200; 0 turns clipping off)")
-    recipe.add_argument("--skip-threshold", type=float, default=2000.0,
-                        help="skip updates whose gradient norm exceeds this (default: 2000; 0 turns it off); "
-                             "updates with a NaN or infinite gradient norm are always skipped")
+    recipe.add_argument("--grad-clip", type=float, default=None,
+                        help=f"clip the gradient norm to this (default: {GRAD_CLIP_PER_DIM:g} x the values in an "
+                             f"image, 784 for MNIST; 0 turns clipping off)")
+    recipe.add_argument("--skip-threshold", type=float, default=None,
+                        help=f"skip updates whose gradient norm exceeds this (default: {SKIP_THRESHOLD_PER_DIM:g} x "
+                             f"the values in an image, 3920 for MNIST; 0 turns it off); updates with a NaN or "
+                             f"infinite gradient norm are always skipped")
     recipe.add_argument("--ema-decay", type=float, default=0.999,
                         help="decay of the exponential moving average of the weights (default: 0.999)")
     recipe.add_argument("--seed", type=int, default=0,
                         help="seed of the initialisation, the data order and the noise (default: 0)")
+
+    speed = parser.add_argument_group("speed")
+    speed.add_argument("--compile", nargs="?", const="default", default=None,
+                       choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+                       help="compile the loss (forward and backward) with torch.compile, optionally in this mode "
+                            "(reduce-overhead: CUDA graphs); the first steps then take minutes")
 
     output = parser.add_argument_group("outputs")
     output.add_argument("--output-dir", required=True, help="folder for logs, checkpoints, samples and final/")
@@ -117,7 +130,7 @@ def parse_args(argv: list[str] | None = None, parser: argparse.ArgumentParser | 
     check_ranges(parser, args, at_least_one=["epochs", "max_steps", "batch_size", "checkpoint_every",
                                              "keep_checkpoints", "log_every", "sample_every", "eval_limit", "threads"],
                  non_negative=["lr", "lr_min", "weight_decay", "grad_clip", "skip_threshold", "num_workers",
-                               "eval_samples", "eval_every"],
+                               "eval_samples", "eval_every", "lr_warmup_steps"],
                  fractions=["lr_warmup", "kl_warmup", "ema_decay"])
     if not 0 < args.beta < math.inf:
         parser.error(f"--beta must be a positive number, got {args.beta}")

@@ -20,8 +20,6 @@ Outputs in ``--output-dir``: ``log.jsonl`` (one record per step), ``checkpoints/
 from __future__ import annotations
 
 import argparse
-import copy
-import dataclasses
 import json
 import math
 import os
@@ -43,7 +41,8 @@ from nvae_hub.card import TrainingInfo
 from nvae_hub.data import binarize, build_dataset
 from nvae_hub.evaluation import evaluate_nll
 from nvae_hub.hub import load_pretrained, push_to_hub, save_pretrained
-from nvae_hub.schedules import kl_warmup, reg_weight
+from nvae_hub.schedules import KL_CONSTANT_FRACTION, kl_warmup, learning_rate, reg_weight, warmup_length
+from nvae_hub.training import EMA, STAT_NAMES, Adamax, TrainStep, default_thresholds, loss_dict
 from nvae_hub.weights import PretrainedLoadError
 
 # isort: split
@@ -52,8 +51,6 @@ import plots
 from checkpoint import check_config, find_resume_checkpoint, latest_checkpoint, load_checkpoint, save_checkpoint
 from rundir import SetupError, lock_output_dir, read_log, truncate_log
 
-KL_CONSTANT_FRACTION = 1e-4
-"""Fraction of training at the start during which the KL weight stays at its minimum (the official code)."""
 RECON_IMAGES = 8
 """Images in the reconstruction grids."""
 MAX_CONSECUTIVE_SKIPS = 50
@@ -67,34 +64,39 @@ class LossModule(nn.Module):
     """``NVAE.loss`` as a ``forward``: DistributedDataParallel synchronises the gradients of what ``forward``
     computes, so the training loss must go through a module's forward, not a method of the model."""
 
-    def __init__(self, model: NVAE) -> None:
+    def __init__(self, model: NVAE, beta: float = 1.0) -> None:
         super().__init__()
-        self.model = model
+        self.model, self.beta = model, beta
 
-    def forward(self, x: Tensor, kl_weight: float, reg_weight: float, beta: float = 1.0) -> dict[str, Tensor]:
-        out = self.model.loss(x, kl_weight=kl_weight, reg_weight=reg_weight, beta=beta)
-        return {field.name: getattr(out, field.name) for field in dataclasses.fields(out)}
+    def forward(self, x: Tensor, kl_weight: Tensor, reg_weight: Tensor) -> dict[str, Tensor]:
+        return loss_dict(self.model, x, kl_weight, reg_weight, beta=self.beta)
 
 
-class EMA:
-    """An exponential moving average of a model's parameters, with its buffers (batch-norm statistics, the
-    spectral regulariser's vectors) copied from the model.
+class StatsCopy:
+    """The statistics rows of a few steps on their way from the device to the host (averaged over processes).
 
-    The decay ramps up as min(decay, (1 + n) / (10 + n)) after n updates, so that the average is not
-    dominated by the random initialisation in short runs.
+    The copy starts when this is made and is waited for only in ``records``, a step later, by when the device
+    has long finished it: logging never makes the device idle.
     """
 
-    def __init__(self, model: NVAE, decay: float) -> None:
-        self.module = copy.deepcopy(model).eval().requires_grad_(False)
-        self.decay = decay
+    def __init__(self, entries: list[tuple[int, dict[str, float], Tensor]], accelerator: Accelerator) -> None:
+        self.entries = entries
+        block = accelerator.reduce(torch.stack([row for _, _, row in entries]), reduction="mean")
+        self.done: torch.cuda.Event | None = None
+        if block.device.type == "cuda":
+            self.host = torch.empty(block.shape, dtype=block.dtype, pin_memory=True)
+            self.host.copy_(block, non_blocking=True)
+            self.done = torch.cuda.Event()
+            self.done.record()
+        else:
+            self.host = block
 
-    @torch.no_grad()
-    def update(self, model: nn.Module, num_updates: int) -> None:
-        decay = min(self.decay, (1 + num_updates) / (10 + num_updates))
-        for average, param in zip(self.module.parameters(), model.parameters(), strict=True):
-            average.lerp_(param.detach(), 1.0 - decay)
-        for average, buffer in zip(self.module.buffers(), model.buffers(), strict=True):
-            average.copy_(buffer)
+    def records(self) -> list[tuple[int, dict[str, float], list[float]]]:
+        """(step, schedule values, statistics row) of each step."""
+        if self.done is not None:
+            self.done.synchronize()
+        rows = self.host.tolist()
+        return [(step, schedule, row) for (step, schedule, _), row in zip(self.entries, rows, strict=True)]
 
 
 class StepBatchSampler(Sampler[list[int]]):
@@ -127,15 +129,6 @@ class StepBatchSampler(Sampler[list[int]]):
                 order, order_epoch = np.random.default_rng((self.seed, epoch)).permutation(self.dataset_size), epoch
             start = index * self.global_batch + self.rank * self.batch_size
             yield order[start:start + self.batch_size].tolist()
-
-
-def learning_rate(step: int, max_steps: int, lr: float, lr_min: float, warmup_steps: int) -> float:
-    """Learning rate of step ``step`` (0-based): linear warm-up to ``lr``, then cosine decay to ``lr_min``, which
-    the last step (``max_steps - 1``) reaches."""
-    if step < warmup_steps:
-        return lr * (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps + 1) / max(1, max_steps - warmup_steps))
-    return lr_min + 0.5 * (lr - lr_min) * (1.0 + math.cos(math.pi * progress))
 
 
 def model_config(args: argparse.Namespace) -> NVAEConfig:
@@ -227,9 +220,13 @@ def run_training(args: argparse.Namespace, accelerator: Accelerator) -> dict[str
     set_seed(args.seed, device_specific=True)
     if accelerator.device.type == "cuda" and accelerator.num_processes > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    optimizer = torch.optim.Adamax(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, eps=1e-3)
-    loss_module, optimizer = accelerator.prepare(LossModule(model), optimizer)
+    optimizer = Adamax(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, eps=1e-3)
+    loss_module, optimizer = accelerator.prepare(LossModule(model, args.beta), optimizer)
     model = accelerator.unwrap_model(loss_module).model
+    loss_fn = loss_module
+    if args.compile:  # forward and backward; one graph unless DistributedDataParallel splits it at its buckets
+        mode = None if args.compile == "default" else args.compile
+        loss_fn = torch.compile(loss_module, mode=mode, fullgraph=accelerator.num_processes == 1)
 
     # ---- data: a step-indexed order, so a resumed run continues at the right batch
     # Image folders are checked here, before the first step (the main process first; the others use its cache).
@@ -245,7 +242,7 @@ def run_training(args: argparse.Namespace, accelerator: Accelerator) -> dict[str
     global_batch = args.batch_size * accelerator.num_processes
     steps_per_epoch = len(dataset) // global_batch
     max_steps = args.max_steps if args.max_steps is not None else args.epochs * steps_per_epoch
-    warmup_steps = max(1, round(args.lr_warmup * max_steps))
+    warmup_steps = warmup_length(max_steps, args.lr_warmup, args.lr_warmup_steps)
     kl_warmup_steps, kl_constant_steps = round(args.kl_warmup * max_steps), round(KL_CONSTANT_FRACTION * max_steps)
     binary = cfg.output == "bernoulli"
 
@@ -287,59 +284,79 @@ def run_training(args: argparse.Namespace, accelerator: Accelerator) -> dict[str
                         state=state, keep=args.keep_checkpoints)
 
     # ---- the loop; `step` counts completed steps, so the schedules see 0, 1, ... and the log 1, 2, ...
+    # Nothing in it reads a value back from the device: the statistics of each step stay there until they are
+    # logged (`flush`), a step after every --log-every steps (and before a checkpoint, which needs the counts).
+    default_clip, default_skip = default_thresholds(cfg)
+    grad_clip = default_clip if args.grad_clip is None else args.grad_clip
+    skip_threshold = default_skip if args.skip_threshold is None else args.skip_threshold
+    train_step = TrainStep(model, optimizer, ema, grad_clip=grad_clip, skip_threshold=skip_threshold,
+                           loss_fn=loss_fn, accelerator=accelerator)
+    unlogged: list[tuple[int, dict[str, float], Tensor]] = []
+    in_flight: StatsCopy | None = None
+
+    def write_records(copy: StatsCopy) -> None:
+        nonlocal skipped, consecutive_skips
+        for step, schedule, row in copy.records():
+            stats = dict(zip(STAT_NAMES, row, strict=False))
+            skip = stats["skipped"] > 0.5
+            skipped, consecutive_skips = skipped + skip, (consecutive_skips + 1) * skip
+            record = {
+                "step": step, "loss": stats["loss"], "recon": stats["recon"], "kl": stats["kl"],
+                "bits_per_dim": (stats["recon"] + stats["kl"]) / (dims * math.log(2)), "spectral": stats["spectral"],
+                "bn": stats["bn"], "kl_groups": row[len(STAT_NAMES):], **schedule, "grad_norm": stats["grad_norm"],
+                "skipped": skip, "skipped_total": skipped, "resumed_from": start_step,
+            }
+            record = {k: finite_or_none(v) if isinstance(v, float) else v for k, v in record.items()}
+            record["kl_groups"] = [finite_or_none(v) for v in record["kl_groups"]]
+            if main:
+                log_file.write(json.dumps(record) + "\n")
+            if step % args.log_every == 0 or step == max_steps:
+                progress.set_postfix(loss=f"{stats['loss']:.2f}", kl=f"{stats['kl']:.2f}",
+                                     bpd=f"{record['bits_per_dim'] or math.nan:.4f}", skipped=skipped)
+                scalars = {f"loss/{k}": record[k] for k in ("loss", "recon", "kl", "spectral", "bn", "bits_per_dim")}
+                scalars |= {f"kl_group/{g:02d}": v for g, v in enumerate(record["kl_groups"])}
+                scalars |= {f"train/{k}": record[k] for k in ("lr", "grad_norm", "kl_weight", "reg_weight")}
+                scalars["train/skipped_updates"] = skipped
+                accelerator.log({k: v for k, v in scalars.items() if v is not None}, step=step)
+            if consecutive_skips >= MAX_CONSECUTIVE_SKIPS:
+                raise RuntimeError(f"the last {consecutive_skips} updates were all skipped (gradient norm "
+                                   f"{stats['grad_norm']:.4g}, --skip-threshold {skip_threshold:g}); lower --lr or "
+                                   f"raise --skip-threshold")
+        if main:
+            log_file.flush()
+
+    def flush(wait: bool) -> None:
+        """Write the records whose copy is done; start copying the unlogged ones (and write them if ``wait``)."""
+        nonlocal in_flight, unlogged
+        if in_flight is not None:
+            write_records(in_flight)
+            in_flight = None
+        if unlogged:
+            in_flight, unlogged = StatsCopy(unlogged, accelerator), []
+            if wait:
+                write_records(in_flight)
+                in_flight = None
+
     loss_module.train()
     for step, x in enumerate(loader, start=start_step + 1):
+        model._check_images(x)  # on the host, before the batch goes to the device
         kl_weight = kl_warmup(step - 1, kl_warmup_steps, kl_constant_steps)
-        reg = reg_weight(kl_weight, cfg.reg_weight, cfg.reg_weight_init)
-        lr = learning_rate(step - 1, max_steps, args.lr, args.lr_min, warmup_steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        schedule = {"kl_weight": kl_weight, "reg_weight": reg_weight(kl_weight, cfg.reg_weight, cfg.reg_weight_init),
+                    "lr": learning_rate(step - 1, max_steps, args.lr, args.lr_min, warmup_steps)}
         x = x.to(accelerator.device, non_blocking=True)
         x = binarize(x) if binary else x
-        buffers = [b.detach().clone() for b in model.buffers()]  # restored if the update is skipped
-
-        with accelerator.autocast():
-            out = loss_module(x, kl_weight=kl_weight, reg_weight=reg, beta=args.beta)
-        accelerator.backward(out["total"])
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.grad_clip or math.inf).item()
-        skip = not math.isfinite(grad_norm) or (args.skip_threshold > 0 and grad_norm > args.skip_threshold)
-        if skip:  # the same decision in every process: the gradients (and so their norm) are all-reduced
-            skipped, consecutive_skips = skipped + 1, consecutive_skips + 1
-            with torch.no_grad():
-                for buffer, saved in zip(model.buffers(), buffers, strict=True):
-                    buffer.copy_(saved)
-            if accelerator.scaler is not None:  # fp16: close the loss scaler's step that clipping opened
-                accelerator.scaler.update()
-        else:
-            optimizer.step()
-            ema.update(model, step)
-            consecutive_skips = 0
-        optimizer.zero_grad(set_to_none=True)
-
-        # ---- bookkeeping: the mean over processes of this step's losses, one log record per step
-        parts = [out["total"], out["recon"].mean(), out["kl"].mean(), out["spectral"], out["bn"],
-                 *out["kl_per_group"].mean(0)]
-        stats = accelerator.reduce(torch.stack([p.detach().float() for p in parts]), reduction="mean").tolist()
-        loss, recon, kl, spectral, bn = stats[:5]
-        record = {
-            "step": step, "loss": loss, "recon": recon, "kl": kl, "bits_per_dim": (recon + kl) / (dims * math.log(2)),
-            "spectral": spectral, "bn": bn, "kl_groups": stats[5:], "kl_weight": kl_weight, "reg_weight": reg,
-            "lr": lr, "grad_norm": grad_norm, "skipped": skip, "skipped_total": skipped, "resumed_from": start_step,
-        }
-        record = {k: finite_or_none(v) if isinstance(v, float) else v for k, v in record.items()}
-        record["kl_groups"] = [finite_or_none(v) for v in record["kl_groups"]]
-        if main:
-            log_file.write(json.dumps(record) + "\n")
-            log_file.flush()
+        if args.compile == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()
+        row = train_step(x, kl_weight=kl_weight, reg_weight=schedule["reg_weight"], lr=schedule["lr"],
+                         num_updates=step)
+        unlogged.append((step, schedule, row))
         progress.update(1)
-        if step % args.log_every == 0 or step == max_steps:
-            progress.set_postfix(loss=f"{loss:.2f}", kl=f"{kl:.2f}", bpd=f"{record['bits_per_dim'] or math.nan:.4f}",
-                                 skipped=skipped)
-            scalars = {f"loss/{k}": record[k] for k in ("loss", "recon", "kl", "spectral", "bn", "bits_per_dim")}
-            scalars |= {f"kl_group/{g:02d}": v for g, v in enumerate(record["kl_groups"])}
-            scalars |= {f"train/{k}": record[k] for k in ("lr", "grad_norm", "kl_weight", "reg_weight")}
-            scalars["train/skipped_updates"] = skipped
-            accelerator.log({k: v for k, v in scalars.items() if v is not None}, step=step)
+        if in_flight is not None:  # copied during this step
+            write_records(in_flight)
+            in_flight = None
+        checkpoint_now = step % args.checkpoint_every == 0 or step == max_steps
+        if step % args.log_every == 0 or checkpoint_now:
+            flush(wait=checkpoint_now)  # a checkpoint records the count of skipped updates so far
         if main and (step % args.sample_every == 0 or step == max_steps):
             name = f"samples/step-{step:08d}"
             plots.save_samples(ema.module, out_dir / f"{name}-samples.png", args.temperatures)
@@ -348,11 +365,8 @@ def run_training(args: argparse.Namespace, accelerator: Accelerator) -> dict[str
             record = eval_record(ema.module, test_set, args, step, step / steps_per_epoch)
             with eval_path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
-        if step % args.checkpoint_every == 0 or step == max_steps:
+        if checkpoint_now:
             checkpoint(step)
-        if consecutive_skips >= MAX_CONSECUTIVE_SKIPS:
-            raise RuntimeError(f"the last {consecutive_skips} updates were all skipped (gradient norm {grad_norm:.4g}, "
-                               f"--skip-threshold {args.skip_threshold}); lower --lr or raise --skip-threshold")
     progress.close()
     session_seconds = time.perf_counter() - loop_start
     session_steps = max_steps - start_step

@@ -1,0 +1,282 @@
+"""One NVAE training update that never waits for the device: what the trainer (train/) and the benchmark
+(bench/) share.
+
+A GPU runs ahead of Python only as long as Python never asks it for a value. The usual training step asks
+several times: is the gradient norm finite (to skip the update), how many updates so far (for the regulariser),
+what is the loss (to log it). Here every such decision is made on the device:
+
+- ``Adamax`` takes a 0-d ``skip`` tensor and applies the update, or leaves the parameters and its state
+  exactly as they were, with arithmetic only (no Python ``if`` on a tensor);
+- ``select_`` restores the buffers (batch-norm statistics, the spectral regulariser's vectors) of a skipped
+  update, bit for bit, also when they hold NaNs;
+- ``EMA`` updates the moving average with ``foreach`` operations and a weight that is 0 for a skipped update;
+- ``TrainStep`` returns the step's statistics as one tensor on the device, for the caller to read when it
+  logs (every ``--log-every`` steps), not at every step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+
+from .config import NVAEConfig
+from .model import NVAE
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+GRAD_CLIP_PER_DIM = 1.0
+"""Default gradient-norm clip, per value of an image (C x H x W): the loss is summed over them (see
+``default_thresholds``)."""
+SKIP_THRESHOLD_PER_DIM = 5.0
+"""Default threshold above which an update is skipped, per value of an image."""
+STAT_NAMES = ("loss", "recon", "kl", "spectral", "bn", "grad_norm", "skipped")
+"""The first entries of ``TrainStep``'s statistics row; the KL of every group follows."""
+
+_SAME_SIZE_INTEGER = {torch.float32: torch.int32, torch.float64: torch.int64, torch.float16: torch.int16,
+                      torch.bfloat16: torch.int16}
+
+
+def _as_integers(tensors: list[Tensor]) -> dict[torch.dtype, list[Tensor]]:
+    """Integer views of the same bits (integer tensors as they are), grouped by dtype: a foreach operation on
+    one dtype is a few kernel launches, on mixed dtypes one per tensor."""
+    groups: dict[torch.dtype, list[Tensor]] = {}
+    for t in tensors:
+        view = t.view(_SAME_SIZE_INTEGER[t.dtype]) if t.is_floating_point() else t
+        groups.setdefault(view.dtype, []).append(view)
+    return groups
+
+
+@torch.no_grad()
+def zero_unless_(tensors: list[Tensor], keep: Tensor) -> None:
+    """Set every tensor to 0 unless ``keep`` (a 0-d bool tensor) is true, on the device.
+
+    Multiplying by 0 leaves NaN and infinity as they are, so the multiplication is done on the bits, viewed as
+    integers: x * 1 is x, x * 0 is the bit pattern of +0.0.
+    """
+    for group in _as_integers(tensors).values():
+        torch._foreach_mul_(group, keep.to(torch.int32))
+
+
+@torch.no_grad()
+def select_(tensors: list[Tensor], others: list[Tensor], take_others: Tensor) -> None:
+    """Where ``take_others`` (a 0-d bool tensor) is true, copy ``others`` into ``tensors``; else leave them.
+    Exact and NaN-proof (``zero_unless_``'s integer arithmetic); ``others`` is left as it was."""
+    take = take_others.to(torch.int32)
+    mine, theirs = _as_integers(tensors), _as_integers(others)
+    if mine.keys() != theirs.keys() or any(len(mine[k]) != len(theirs[k]) for k in mine):
+        raise ValueError("select_ needs two lists of tensors with the same dtypes")
+    for dtype, group in mine.items():
+        chosen = torch._foreach_mul(theirs[dtype], take)
+        torch._foreach_mul_(group, 1 - take)
+        torch._foreach_add_(group, chosen)
+
+
+def default_thresholds(config: NVAEConfig) -> tuple[float, float]:
+    """(gradient-norm clip, skip threshold) for a model of ``config``, proportional to the number of values in an
+    image: the loss is in nats per image, a sum over them, and so are its gradients. With MNIST (784 values):
+    784 and 3920. Healthy runs stay below the clip nearly always and far below the skip threshold (README,
+    "Gradient norms"); a diverging one passes both within steps."""
+    values = config.channels * config.image_size**2
+    return GRAD_CLIP_PER_DIM * values, SKIP_THRESHOLD_PER_DIM * values
+
+
+class Adamax(torch.optim.Optimizer):
+    """Adamax (Kingma & Ba, 2015) with L2 weight decay added to the gradient, as ``torch.optim.Adamax``
+    computes it (same state names, so the state dicts are interchangeable), that can skip an update on the
+    device.
+
+    Before ``step()``, set ``optimizer.skip`` to a 0-d bool tensor: where it is true the step leaves the
+    parameters and the state exactly as they were, whatever the gradients hold (NaN included). The step
+    counts and all arithmetic stay on the device, so ``step()`` never synchronises. It also honours
+    ``found_inf`` and ``grad_scale``, which ``torch.amp.GradScaler`` sets on optimizers that declare
+    ``_step_supports_amp_scaling`` (float16 training).
+    """
+
+    _step_supports_amp_scaling = True
+
+    def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]], lr: float = 2e-3,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0) -> None:
+        if min(lr, eps, weight_decay) < 0:
+            raise ValueError(f"lr, eps and weight_decay must be >= 0, got {lr}, {eps}, {weight_decay}")
+        if not all(0.0 <= beta < 1.0 for beta in betas):
+            raise ValueError(f"betas must be in [0, 1), got {betas}")
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+        self.skip: Tensor | None = None
+
+    def _skip_flag(self, device: torch.device) -> Tensor:
+        """This step's skip decision: ``self.skip`` or GradScaler's ``found_inf``, as a 0-d bool on ``device``."""
+        skip = torch.zeros((), dtype=torch.bool, device=device)
+        if self.skip is not None:
+            skip = skip | self.skip.to(device)
+        found_inf = getattr(self, "found_inf", None)
+        if found_inf is not None:
+            skip = skip | (found_inf.to(device) > 0)
+        return skip
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        """Update the parameters that have gradients (or, if ``skip``/``found_inf`` says so, nothing)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        grad_scale = getattr(self, "grad_scale", None)
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            device = params[0].device
+            beta1, beta2 = group["betas"]
+            keep = (~self._skip_flag(device)).float()
+            grads = [p.grad for p in params]
+            if grad_scale is not None:
+                grads = torch._foreach_div(grads, grad_scale.to(device))
+            states = [self._state(p, group["eps"]) for p in params]
+            exp_avgs, exp_infs, steps = ([s[k] for s in states] for k in ("exp_avg", "exp_inf", "step"))
+
+            # g = keep * (grad + weight_decay * param): exactly 0 for a skipped update, NaNs included
+            g = torch._foreach_mul(params, group["weight_decay"]) if group["weight_decay"] else None
+            if g is None:
+                g = [grad.clone() for grad in grads]
+            else:
+                torch._foreach_add_(g, grads)
+            zero_unless_(g, keep.bool())
+            torch._foreach_add_(steps, [keep] * len(steps))  # (the Tensor overload reads `keep` on the host)
+            # exp_avg <- b1 * exp_avg + (1 - beta1) * g, with b1 = beta1, or 1 when skipped
+            torch._foreach_mul_(exp_avgs, 1.0 - keep * (1.0 - beta1))
+            torch._foreach_add_(exp_avgs, g, alpha=1.0 - beta1)
+            # exp_inf <- max(b2 * exp_inf, |g| + eps), with b2 = beta2, or max(exp_inf, eps) = exp_inf when skipped
+            # (exp_inf >= eps always)
+            torch._foreach_mul_(exp_infs, 1.0 - keep * (1.0 - beta2))
+            torch._foreach_abs_(g)
+            torch._foreach_add_(g, group["eps"])
+            torch._foreach_maximum_(exp_infs, g)
+            # param <- param - lr / (1 - beta1**step) * exp_avg / exp_inf (a step of 0 when skipped)
+            corrections = torch._foreach_pow(beta1, torch._foreach_clamp_min(steps, 1.0))
+            torch._foreach_sub_(corrections, 1.0)  # beta1**step - 1 < 0
+            torch._foreach_reciprocal_(corrections)
+            torch._foreach_mul_(corrections, keep * group["lr"])  # -lr / (1 - beta1**step), or 0
+            update = torch._foreach_div(exp_avgs, exp_infs)
+            torch._foreach_mul_(update, corrections)
+            torch._foreach_add_(params, update)
+        return loss
+
+    def _state(self, param: Tensor, eps: float) -> dict[str, Tensor]:
+        """The state of ``param``, created on first use. ``exp_inf`` starts at ``eps`` rather than 0: the same
+        first update (max(beta2 * eps, |g| + eps) = |g| + eps), and never a 0/0 when the first one is skipped."""
+        state = self.state[param]
+        if not state:
+            state["step"] = torch.zeros((), dtype=torch.float32, device=param.device)
+            state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+            state["exp_inf"] = torch.full_like(param, eps, memory_format=torch.preserve_format)
+        elif state["step"].device != param.device:  # a state dict loaded from elsewhere
+            state["step"] = state["step"].to(device=param.device, dtype=torch.float32)
+        return state
+
+
+class EMA:
+    """An exponential moving average of a model's parameters, with its buffers (batch-norm statistics, the
+    spectral regulariser's vectors) copied from the model.
+
+    The decay ramps up as min(decay, (1 + n) / (10 + n)) after n updates, so that the average is not
+    dominated by the random initialisation in short runs.
+    """
+
+    def __init__(self, model: NVAE, decay: float) -> None:
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+        self.decay = decay
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, num_updates: int, keep: Tensor | None = None) -> None:
+        """Move the average towards ``model`` (when ``keep``, a 0-d bool tensor, is true or not given)."""
+        decay = min(self.decay, (1 + num_updates) / (10 + num_updates))
+        averages, params = list(self.module.parameters()), [p.detach() for p in model.parameters()]
+        steps = torch._foreach_sub(params, averages)
+        torch._foreach_mul_(steps, (1.0 - decay) if keep is None else keep.float() * (1.0 - decay))
+        torch._foreach_add_(averages, steps)
+        if keep is None:
+            torch._foreach_copy_(list(self.module.buffers()), list(model.buffers()))
+        else:
+            select_(list(self.module.buffers()), list(model.buffers()), keep)
+
+
+class TrainStep:
+    """One update of an NVAE: forward and backward under autocast, gradient-norm clipping, the skip decision,
+    the optimizer and EMA updates, and the restoring of the buffers after a skipped update, with no host
+    synchronisation anywhere.
+
+    An update is skipped when the gradient norm is not finite or above ``skip_threshold`` (0: never for a
+    finite norm). ``loss_fn(x, kl_weight, reg_weight)`` returns ``NVAE.loss``'s fields as a dict; it is the
+    model's own loss unless given (the trainer passes its DistributedDataParallel-wrapped, perhaps compiled,
+    module). With an ``accelerator``, its autocast, backward, clipping (which unscales float16 gradients) and
+    optimizer wrapper are used.
+    """
+
+    def __init__(self, model: NVAE, optimizer: Adamax | Any, ema: EMA | None, *, grad_clip: float,
+                 skip_threshold: float, loss_fn: Callable[[Tensor, Tensor, Tensor], dict[str, Tensor]] | None = None,
+                 accelerator: Accelerator | None = None, autocast_dtype: torch.dtype | None = None) -> None:
+        self.model, self.optimizer, self.ema, self.accelerator = model, optimizer, ema, accelerator
+        self.grad_clip, self.skip_threshold = grad_clip, skip_threshold
+        self.loss_fn = loss_fn if loss_fn is not None else (lambda x, kl, reg: loss_dict(model, x, kl, reg))
+        self.autocast_dtype = autocast_dtype
+        self.raw_optimizer: Adamax = getattr(optimizer, "optimizer", optimizer)  # under Accelerate's wrapper
+        if not isinstance(self.raw_optimizer, Adamax):
+            raise TypeError("TrainStep needs nvae_hub.training.Adamax, which can skip an update on the device")
+        device = model.device
+        self.kl_weight = torch.zeros((), device=device)
+        self.reg_weight = torch.zeros((), device=device)
+        self.buffers = list(model.buffers())
+        self.saved_buffers = [b.detach().clone() for b in self.buffers]
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.accelerator is not None:
+            return self.accelerator.autocast()
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.model.device.type, dtype=self.autocast_dtype)
+
+    def __call__(self, x: Tensor, *, kl_weight: float, reg_weight: float, lr: float, num_updates: int) -> Tensor:
+        """Train on the batch ``x`` (on the model's device, values in [0, 1], not checked here); return the
+        statistics row (``STAT_NAMES``, then the KL per group) as a float32 tensor on the device."""
+        self.kl_weight.fill_(kl_weight)
+        self.reg_weight.fill_(reg_weight)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        torch._foreach_copy_(self.saved_buffers, self.buffers)
+
+        with self._autocast():
+            out = self.loss_fn(x, self.kl_weight, self.reg_weight)
+        if self.accelerator is not None:
+            self.accelerator.backward(out["total"])
+            clip = self.accelerator.clip_grad_norm_
+        else:
+            out["total"].backward()
+            clip = torch.nn.utils.clip_grad_norm_
+        grad_norm = clip(self.model.parameters(), self.grad_clip or math.inf)
+        skip = ~torch.isfinite(grad_norm)
+        if self.skip_threshold > 0:
+            skip = skip | (grad_norm > self.skip_threshold)
+        self.raw_optimizer.skip = skip
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        select_(self.buffers, self.saved_buffers, skip)
+        if self.ema is not None:
+            self.ema.update(self.model, num_updates, keep=~skip)
+
+        parts = [out["total"], out["recon"].mean(), out["kl"].mean(), out["spectral"], out["bn"], grad_norm, skip]
+        kl_per_group = out["kl_per_group"].detach().float().mean(0)
+        return torch.cat([torch.stack([p.detach().float() for p in parts]), kl_per_group])
+
+
+def loss_dict(model: NVAE, x: Tensor, kl_weight: Tensor | float, reg_weight: Tensor | float,
+              beta: float = 1.0) -> dict[str, Tensor]:
+    """``model.loss`` without input checks, as a plain dict (what ``torch.compile`` and DDP handle best)."""
+    out = model.loss(x, kl_weight=kl_weight, reg_weight=reg_weight, beta=beta, check_inputs=False)
+    return {name: getattr(out, name) for name in ("total", "recon", "kl", "kl_per_group", "spectral", "bn")}
