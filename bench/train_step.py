@@ -1,14 +1,22 @@
-"""Images per second and peak memory of one full NVAE training step (forward, backward, regularisers,
-optimizer step). Prints one JSON line.
+"""Images per second and peak memory of the trainer's training step (nvae_hub.training.TrainStep: forward, backward,
+regularisers, clipping, the skip decision, Adamax and the EMA update), eager or compiled, fp32 or bf16 autocast,
+at one or more batch sizes. Prints one JSON object.
 
     python bench/train_step.py --preset mnist --batch-size 16
     python bench/train_step.py --preset mnist-small --batch-size 64 --num-flows 1   # the cost of posterior flows
+    python bench/train_step.py --preset mnist --device cuda --batch-size 16 200 --precision fp32 bf16 \\
+        --compile none default
+
+Each configuration gets a fresh model (seed 0) and random binary or 8-bit images; ``--warmup`` untimed steps
+come first (with ``--compile`` they include the compilation, reported as ``warmup_seconds``).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import os
 import platform
 import resource
 import time
@@ -16,6 +24,9 @@ import time
 import torch
 
 from nvae_hub import NVAE, NVAEConfig
+from nvae_hub.training import EMA, Adamax, TrainStep, loss_dict
+
+COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune-no-cudagraphs")
 
 
 def peak_rss_mb() -> float:
@@ -23,65 +34,107 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores"
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(config: NVAEConfig, device: torch.device, batch_size: int, precision: str, compile_mode: str,
+            steps: int, warmup: int) -> dict[str, object]:
+    """Time ``steps`` training steps of a fresh model after ``warmup`` untimed ones."""
+    torch.manual_seed(0)
+    torch._dynamo.reset()
+    model = NVAE(config).to(device).train()
+    optimizer = Adamax(model.parameters(), lr=1e-3, eps=1e-3, weight_decay=3e-4)
+
+    def loss_fn(x: torch.Tensor, kl_weight: torch.Tensor, reg_weight: torch.Tensor) -> dict[str, torch.Tensor]:
+        return loss_dict(model, x, kl_weight, reg_weight)
+
+    if compile_mode != "none":
+        loss_fn = torch.compile(loss_fn, fullgraph=True, mode=None if compile_mode == "default" else compile_mode)
+    step = TrainStep(model, optimizer, EMA(model, 0.999), grad_clip=200.0, skip_threshold=0.0, loss_fn=loss_fn,
+                     autocast_dtype=torch.bfloat16 if precision == "bf16" else None)
+    shape = (batch_size, config.channels, config.image_size, config.image_size)
+    x = torch.rand(shape, generator=torch.Generator().manual_seed(0)).to(device)
+    x = x.bernoulli() if config.output == "bernoulli" else x
+
+    def run(n: int) -> torch.Tensor:
+        if compile_mode == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()
+        return step(x, kl_weight=0.5, reg_weight=config.reg_weight, lr=1e-3, num_updates=n)
+
+    start = time.perf_counter()
+    for n in range(warmup):
+        run(n)
+    synchronize(device)
+    warmup_seconds = time.perf_counter() - start
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    rows = []
+    start = time.perf_counter()
+    for n in range(steps):
+        rows.append(run(warmup + n))
+    synchronize(device)
+    seconds = (time.perf_counter() - start) / steps
+    return {
+        "batch_size": batch_size,
+        "precision": precision,
+        "compile": compile_mode,
+        "seconds_per_step": round(seconds, 5),
+        "images_per_second": round(batch_size / seconds, 2),
+        "warmup_seconds": round(warmup_seconds, 1),
+        "finite": bool(torch.isfinite(torch.stack(rows)).all()),
+        "peak_memory_mb": round(torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda"
+                                else peak_rss_mb(), 1),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="mnist", choices=NVAEConfig.presets())
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, nargs="+", default=[16])
+    parser.add_argument("--precision", nargs="+", default=["fp32"], choices=["fp32", "bf16"])
+    parser.add_argument("--bf16", action="store_true", help="the same as --precision bf16")
+    parser.add_argument("--num-flows", type=int, default=None, help="override the preset's num_flows")
+    parser.add_argument("--compile", nargs="+", default=["none"], choices=COMPILE_MODES,
+                        help="torch.compile mode(s) of the loss (forward and backward); none: eager")
     parser.add_argument("--steps", type=int, default=5, help="timed steps (after --warmup untimed ones)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--bf16", action="store_true", help="run under bf16 autocast")
-    parser.add_argument("--num-flows", type=int, default=None, help="override the preset's num_flows")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
     args = parser.parse_args()
 
-    torch.manual_seed(0)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
     config = NVAEConfig.preset(args.preset)
     if args.num_flows is not None:
         config = config.replace(num_flows=args.num_flows)
-    device = torch.device(args.device)
-    model = NVAE(config).to(device).train()
-    optimizer = torch.optim.Adamax(model.parameters(), lr=1e-3, eps=1e-3, weight_decay=3e-4)
-    shape = (args.batch_size, config.channels, config.image_size, config.image_size)
-    x = torch.rand(shape, device=device)
-    if config.output == "bernoulli":
-        x = x.bernoulli()
-
-    def step() -> None:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
-            loss = model.loss(x, kl_weight=0.5).total
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-    for _ in range(args.warmup):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    for _ in range(args.steps):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    seconds = (time.perf_counter() - start) / args.steps
-    result = {
+    precisions = ["bf16"] if args.bf16 else args.precision
+    results = []
+    for compile_mode, precision, batch_size in itertools.product(args.compile, precisions, args.batch_size):
+        results.append(measure(config, device, batch_size, precision, compile_mode, args.steps, args.warmup))
+    print(json.dumps({
+        "benchmark": "train_step",
         "preset": args.preset,
-        "batch_size": args.batch_size,
         "num_flows": config.num_flows,
+        "params_millions": round(sum(p.numel() for p in NVAE(config).parameters()) / 1e6, 2),
         "device": str(device),
-        "bf16": args.bf16,
+        "device_name": device_name(device),
         "threads": torch.get_num_threads(),
-        "params_millions": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
-        "seconds_per_step": round(seconds, 4),
-        "images_per_second": round(args.batch_size / seconds, 2),
-        "peak_memory_mb": round(
-            torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else peak_rss_mb(), 1
-        ),
+        "steps": args.steps,
+        "results": results,
         "peak_memory_kind": "cuda_max_allocated" if device.type == "cuda" else "process_peak_rss",
         "torch": torch.__version__,
+        "cuda": torch.version.cuda,
         "machine": platform.machine(),
-    }
-    print(json.dumps(result))
+    }))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,171 @@
+"""Every CUDA check of issue 12 in one run, for a GPU machine lent for a few minutes (no network, no gradio):
+the CUDA tests, then the benchmarks, most important first, each stage cut off by its own time limit and all of
+them by ``--budget``. Writes into ``--out`` (default ``$OUT``): ``summary.txt`` (the figures, readable),
+``results.json`` (every stage's JSON), ``pytest.txt`` and ``logs.tar.gz`` (each stage's output).
+
+    python3 bench/gpu_check.py                       # on the GPU machine, OUT set: about 6 minutes
+    python3 bench/gpu_check.py --dry-run --out /tmp/x  # anywhere: the same stages on the CPU at toy sizes
+
+Stages (skipped when the budget is spent, and reported so):
+ 1. environment: GPU, driver, torch, CUDA;
+ 2. the CUDA tests (``pytest -m cuda``);
+ 3. the ``mnist`` training step, eager, fp32 and bf16, batch 16 and 200;
+ 4. the short ``mnist`` runs that diverged in issue 12 (batch 200, 150 steps, default recipe), bf16 then fp32;
+ 5. sampling from the ``mnist`` preset, eager and compiled (CUDA graphs), batch 1 and 64;
+ 6. the ``mnist`` training step compiled, bf16 then fp32, batch 16 and 200.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def stages(dry_run: bool) -> list[tuple[str, int, list[str]]]:
+    """(name, time limit in seconds, command) of every stage, in the order they run."""
+    py = sys.executable
+    preset = "tiny" if dry_run else "mnist"
+    device = "cpu" if dry_run else "cuda"
+    batches = ["4", "8"] if dry_run else ["16", "200"]
+    steps = ["--steps", "2", "--warmup", "1"] if dry_run else ["--steps", "10", "--warmup", "3"]
+    run_steps = "6" if dry_run else "150"
+    run_batch = "8" if dry_run else "200"
+    tests = ([py, "-m", "pytest", "-m", "cuda", "--collect-only", "-q", "tests/test_cuda.py"] if dry_run else
+             [py, "-m", "pytest", "-m", "cuda", "-v", "-rA", "--durations=15", "tests/test_cuda.py"])
+    data = ["--dataset", "synthetic"] if dry_run else ["--dataset", "mnist"]
+    return [
+        ("environment", 60, [py, "-c", ENVIRONMENT]),
+        ("pytest_cuda", 200, tests),
+        ("train_step_eager", 90, [py, "bench/train_step.py", "--preset", preset, "--device", device,
+                                  "--batch-size", *batches, "--precision", "fp32", "bf16", "--compile", "none",
+                                  *steps]),
+        ("short_run_bf16", 75, [py, "bench/grad_norms.py", "--preset", preset, *data, "--device", device,
+                                "--batch-size", run_batch, "--steps", run_steps, "--bf16",
+                                "--grad-clip", "default", "--skip-threshold", "default"]),
+        ("short_run_fp32", 75, [py, "bench/grad_norms.py", "--preset", preset, *data, "--device", device,
+                                "--batch-size", run_batch, "--steps", run_steps,
+                                "--grad-clip", "default", "--skip-threshold", "default"]),
+        ("sampling", 150, [py, "bench/sampling.py", "--preset", preset, "--device", device, "--compile",
+                           "--no-onnx", "--batch-sizes", "1", "64", "--repeats", "5" if dry_run else "50",
+                           "--warmup", "1" if dry_run else "5"]),
+        ("train_step_compiled_bf16", 240, [py, "bench/train_step.py", "--preset", preset, "--device", device,
+                                           "--batch-size", *batches, "--precision", "bf16", "--compile", "default",
+                                           *steps]),
+        ("train_step_compiled_fp32", 240, [py, "bench/train_step.py", "--preset", preset, "--device", device,
+                                           "--batch-size", *batches, "--precision", "fp32", "--compile", "default",
+                                           *steps]),
+    ]
+
+
+ENVIRONMENT = """
+import json, os, platform, subprocess, torch
+smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.max.sm",
+                      "--format=csv,noheader"], capture_output=True, text=True) if torch.cuda.is_available() else None
+print(json.dumps({"torch": torch.__version__, "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
+                  "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+                  "nvidia_smi": smi.stdout.strip() if smi else None, "cpu_count": os.cpu_count(),
+                  "python": platform.python_version()}))
+"""
+
+
+def run_stage(name: str, limit: float, command: list[str], logs: Path) -> dict[str, object]:
+    """Run one stage with a time limit; its stdout and stderr go to ``logs``."""
+    start = time.perf_counter()
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
+    with (logs / f"{name}.out").open("w") as out, (logs / f"{name}.err").open("w") as err:
+        try:
+            code = subprocess.run(command, cwd=REPO, env=env, stdout=out, stderr=err, timeout=limit).returncode
+        except subprocess.TimeoutExpired:
+            code = "timeout"
+    seconds = round(time.perf_counter() - start, 1)
+    stdout = (logs / f"{name}.out").read_text()
+    result: dict[str, object] = {"returncode": code, "seconds": seconds}
+    for line in reversed(stdout.strip().splitlines()):
+        if line.startswith("{"):
+            try:
+                result["json"] = json.loads(line)
+                break
+            except json.JSONDecodeError:
+                continue
+    if code != 0:
+        result["stderr_tail"] = (logs / f"{name}.err").read_text()[-1500:]
+    return result
+
+
+def summarise(results: dict[str, dict[str, object]]) -> str:
+    """The figures that matter, one line each."""
+    lines = []
+    for name, result in results.items():
+        head = f"[{name}] rc={result.get('returncode')} {result.get('seconds', 0)}s"
+        data = result.get("json")
+        if name == "environment" and data:
+            lines.append(f"{head} {data.get('gpu')} | torch {data.get('torch')} CUDA {data.get('cuda')}")
+        elif name.startswith("train_step") and data:
+            lines.append(head)
+            for r in data["results"]:
+                lines.append(f"    {data['preset']} {r['compile']:>8} {r['precision']} batch {r['batch_size']:>3}: "
+                             f"{r['images_per_second']:>9} images/s, {r['seconds_per_step'] * 1e3:8.1f} ms/step, "
+                             f"peak {r['peak_memory_mb']} MB, warm-up {r['warmup_seconds']} s, finite {r['finite']}")
+        elif name.startswith("short_run") and data:
+            lines.append(f"{head} skipped {data['skipped_updates']} of {data['steps']}, grad norm {data['grad_norm']}, "
+                         f"loss {data['loss_first_tenth']} -> {data['loss_last_tenth']}, {data['seconds']} s")
+        elif name == "sampling" and data:
+            lines.append(head)
+            for runtime in ("pytorch_eager", "pytorch_compiled"):
+                for batch, figures in data.get(runtime, {}).items():
+                    lines.append(f"    {runtime} batch {batch}: {figures['ms_per_image']} ms/image, "
+                                 f"{figures['images_per_second']} images/s")
+            lines.append(f"    max |compiled - eager| {data.get('max_abs_diff')}, "
+                         f"compile {data.get('compile_seconds')} s")
+        elif name == "pytest_cuda":
+            lines.append(head + " (see pytest.txt)")
+        else:
+            lines.append(head + (" " + str(result.get("stderr_tail", ""))[-300:] if result.get("returncode") else ""))
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=os.environ.get("OUT"), help="output folder (default: $OUT)")
+    parser.add_argument("--budget", type=float, default=360.0, help="seconds for all stages together (default 360)")
+    parser.add_argument("--dry-run", action="store_true", help="the same stages on the CPU, at toy sizes")
+    args = parser.parse_args()
+    if args.out is None:
+        parser.error("give --out or set OUT")
+    args.out.mkdir(parents=True, exist_ok=True)
+    logs = args.out / "logs"
+    logs.mkdir(exist_ok=True)
+
+    deadline = time.perf_counter() + args.budget
+    results: dict[str, dict[str, object]] = {}
+    for name, limit, command in stages(args.dry_run):
+        remaining = deadline - time.perf_counter()
+        if remaining < 20:
+            results[name] = {"returncode": "skipped: budget spent"}
+            continue
+        results[name] = run_stage(name, min(limit, remaining), command, logs)
+        (args.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")  # partial results survive
+        (args.out / "summary.txt").write_text(summarise(results))
+        print(summarise({name: results[name]}), end="", flush=True)
+
+    (args.out / "pytest.txt").write_text((logs / "pytest_cuda.out").read_text()[-20000:]
+                                         if (logs / "pytest_cuda.out").exists() else "not run\n")
+    with tarfile.open(args.out / "logs.tar.gz", "w:gz") as tar:
+        tar.add(logs, arcname="logs")
+    for path in logs.iterdir():
+        path.unlink()
+    logs.rmdir()
+    print(f"wrote {', '.join(sorted(p.name for p in args.out.iterdir()))} to {args.out} on {platform.node()}")
+
+
+if __name__ == "__main__":
+    main()
