@@ -192,8 +192,9 @@ def spectral_loss(convs: list[Conv2d], iterations: int, update: bool) -> Tensor:
     Weights of the same shape are stacked so that each power iteration is one batched matmul. Each
     convolution contributes the weight of its last training forward pass when there is one (no recomputation).
     With ``update`` the singular-vector buffers take ``iterations`` more power-iteration steps first. It all
-    runs in float32, also under autocast: in bfloat16 the power iteration would not converge to better than
-    about 1% and the estimates would jitter from step to step.
+    runs in float32, also under autocast: in bfloat16 the power iteration does not converge but jitters from step
+    to step (measured on ``mnist-small`` at initialisation: the sum of the estimates moves by about 0.1% per
+    step, at times above the true value, and singular-vector entries differ from float32's by up to 0.013).
     """
     with torch.autocast(convs[0].weight.device.type, enabled=False):
         return _spectral_loss(convs, iterations, update)

@@ -217,3 +217,27 @@ def test_the_ema_moves_only_with_kept_updates():
     for average, param, old in zip(ema.module.parameters(), model.parameters(), before, strict=False):
         torch.testing.assert_close(average, 0.5 * (param + old))
     assert ema.module.sr_steps.item() == 7
+
+
+# ---------------------------------------------------------------------------------------------- the regulariser
+
+
+def test_the_singular_vectors_start_converged():
+    # The official code runs 10x the power iterations at its first step; here they run when the model is built,
+    # so no step needs to ask whether it is the first.
+    model = tiny_model()
+    assert model.sr_steps.item() == 0
+    for conv in (model.stem, model.head[1]):
+        weight = conv.effective_weight().flatten(1).detach()
+        estimate = conv.sr_u @ weight @ conv.sr_v
+        torch.testing.assert_close(estimate, torch.linalg.matrix_norm(weight, ord=2), rtol=2e-3, atol=1e-4)
+
+
+def test_the_spectral_regulariser_runs_in_float32_under_autocast():
+    plain, autocast = tiny_model(), tiny_model()
+    want = plain.regularizers()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = autocast.regularizers()
+    assert got[0].dtype == torch.float32
+    torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)
+    assert torch.equal(autocast.stem.sr_u, plain.stem.sr_u) and torch.equal(autocast.stem.sr_v, plain.stem.sr_v)
