@@ -77,16 +77,19 @@ def measure(config: NVAEConfig, device: torch.device, batch_size: int, precision
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     rows = []
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     for n in range(steps):
         rows.append(run(warmup + n))
     synchronize(device)
     seconds = (time.perf_counter() - start) / steps
+    cpu_seconds = (time.process_time() - cpu_start) / steps
     return {
         "batch_size": batch_size,
         "precision": precision,
         "compile": compile_mode,
         "seconds_per_step": round(seconds, 5),
+        # CPU time of this process per step: on a busy shared machine a steadier guide than the wall clock
+        "cpu_seconds_per_step": round(cpu_seconds, 5),
         "images_per_second": round(batch_size / seconds, 2),
         "warmup_seconds": round(warmup_seconds, 1),
         "finite": bool(torch.isfinite(torch.stack(rows)).all()),
