@@ -220,11 +220,7 @@ class NVAE(
         self.register_buffer("kl_alpha", kl_balance_coefficients(self.groups_per_scale), persistent=False)
         # Number of spectral-regulariser updates so far.
         self.register_buffer("sr_steps", torch.zeros((), dtype=torch.long))
-        # The singular-vector estimates start converged: 10x the power iterations on the initial weights (the
-        # official code runs them at its first training step; here, so that no step has to ask whether it is
-        # the first, which would stall the GPU).
-        with torch.no_grad():
-            spectral_loss(self._convs(), 10 * cfg.power_iterations, update=True)
+        self._spectral_vectors_warm = False  # see warm_up_spectral_vectors
         self._compiled_decode: Callable[[list[Tensor], Tensor], Tensor] | None = None
 
     # ================================================================== basic facts
@@ -394,9 +390,22 @@ class NVAE(
         Call it right after a forward pass (``loss`` does): the spectral term reuses that pass's weights."""
         return self._regularizers(self._convs(), self._batch_norms())
 
+    @torch.no_grad()
+    def warm_up_spectral_vectors(self) -> None:
+        """Converge the spectral regulariser's singular-vector estimates with 10x the power iterations, as the
+        official code does at its first training step, unless they have been updated before (``sr_steps`` > 0:
+        trained or loaded vectors are kept). The first training-mode regulariser call does this by itself; the
+        training step (``nvae_hub.training.TrainStep``) calls it when it is made, so that no step has to ask
+        whether it is the first (a read of a device counter, which would stall a GPU)."""
+        if int(self.sr_steps) == 0:
+            spectral_loss(self._convs(), 10 * self.config.power_iterations, update=True)
+        self._spectral_vectors_warm = True
+
     def _regularizers(self, convs: list[Conv2d], norms: list[nn.BatchNorm2d | nn.SyncBatchNorm]
                       ) -> tuple[Tensor, Tensor]:
         if self.training:
+            if not self._spectral_vectors_warm:
+                self.warm_up_spectral_vectors()
             self.sr_steps += 1
         return spectral_loss(convs, self.config.power_iterations, update=self.training), batchnorm_loss(norms)
 

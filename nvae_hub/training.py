@@ -230,6 +230,7 @@ class TrainStep:
         self.raw_optimizer: Adamax = getattr(optimizer, "optimizer", optimizer)  # under Accelerate's wrapper
         if not isinstance(self.raw_optimizer, Adamax):
             raise TypeError("TrainStep needs nvae_hub.training.Adamax, which can skip an update on the device")
+        model.warm_up_spectral_vectors()  # here, not at the first step: no step reads a device value
         device = model.device
         self.kl_weight = torch.zeros((), device=device)
         self.reg_weight = torch.zeros((), device=device)

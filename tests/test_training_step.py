@@ -222,15 +222,30 @@ def test_the_ema_moves_only_with_kept_updates():
 # ---------------------------------------------------------------------------------------------- the regulariser
 
 
-def test_the_singular_vectors_start_converged():
-    # The official code runs 10x the power iterations at its first step; here they run when the model is built,
-    # so no step needs to ask whether it is the first.
-    model = tiny_model()
-    assert model.sr_steps.item() == 0
+def assert_converged(model: NVAE) -> None:
     for conv in (model.stem, model.head[1]):
         weight = conv.effective_weight().flatten(1).detach()
         estimate = conv.sr_u @ weight @ conv.sr_v
         torch.testing.assert_close(estimate, torch.linalg.matrix_norm(weight, ord=2), rtol=2e-3, atol=1e-4)
+
+
+def test_the_singular_vectors_are_converged_before_the_first_update_and_kept_once_updated():
+    # The official code runs 10x the power iterations at its first step; here they run when the training step is
+    # made (or at the first training-mode regulariser call), so that no step needs to ask whether it is the first.
+    model = tiny_model()
+    TrainStep(model, Adamax(model.parameters()), None, grad_clip=1e9, skip_threshold=1e9)
+    assert model.sr_steps.item() == 0
+    assert_converged(model)
+    first_call, warmed = tiny_model(), tiny_model()
+    first_call.regularizers()
+    warmed.warm_up_spectral_vectors()
+    warmed.regularizers()
+    assert all(torch.equal(x, y) for x, y in zip(first_call.buffers(), warmed.buffers(), strict=True))
+    updated = tiny_model()
+    updated.sr_steps.fill_(5)  # as in trained or loaded weights: their vectors are kept as they are
+    before = [b.clone() for b in updated.buffers()]
+    updated.warm_up_spectral_vectors()
+    assert all(torch.equal(x, y) for x, y in zip(before, updated.buffers(), strict=True))
 
 
 def test_the_spectral_regulariser_runs_in_float32_under_autocast():
