@@ -9,8 +9,9 @@ Reading guide. ``Explorer`` loads the model and picks the runtime that generates
 export when one can be found or made (``find_onnx_export``), else PyTorch (``TorchEngine``). It has one method
 per button of the page; each checks its raw inputs (raising ``InputError``, a ``gr.Error`` shown in the page),
 runs the model and returns PNG-ready pictures and a line of Markdown. The app runs in public, so every request is
-treated as hostile: images are opened only from files Gradio received as uploads or the app ships (``AppFiles``,
-``open_image``), and ``PublicBlocks`` checks each request before Gradio touches the files it names. ``build_app``
+treated as hostile: images are opened only from files Gradio received as uploads or the app ships, and
+``PublicBlocks`` checks each request before Gradio touches the files it names (``nvae_hub.app_input`` holds these
+checks: ``AppFiles``, ``open_image``, ``check_request``). ``build_app``
 lays out the page and wires the buttons to those methods; ``launch`` serves it with the app's limits; ``main``
 parses the command line and checks the port before the model loads.
 Importing this file does no heavy work, so it also serves as a Hugging Face Space's ``app.py``.
@@ -20,18 +21,15 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import html
 import itertools
 import logging
 import math
 import os
-import reprlib
 import secrets
 import shutil
 import socket
 import time
-import warnings
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -39,10 +37,11 @@ import gradio as gr
 import numpy as np
 import torch
 from gradio.exceptions import InvalidPathError
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 from pydantic import ValidationError
 
 from nvae_hub import NVAE, load_pretrained
+from nvae_hub.app_input import NOT_AN_UPLOAD, AppFiles, InputError, check_request, flag, number, open_image, shown
 from nvae_hub.data import cache_root, image_to_tensor, mnist_arrays
 from nvae_hub.hub import BUNDLED_MODELS
 from nvae_hub.visual import display_zoom, image_grid, labelled_grid, to_pil
@@ -50,8 +49,6 @@ from nvae_hub.visual import display_zoom, image_grid, labelled_grid, to_pil
 logger = logging.getLogger("nvae_hub.app")
 
 DEFAULT_MODEL = "mnist"
-MAX_SIDE = 4096  # pixels per side of an input image
-MAX_PIXELS = 16_000_000  # pixels of an input image
 MAX_FILE_SIZE = "10mb"  # per upload
 MAX_SAMPLES = 64
 MAX_TEMPERATURE = 1.2
@@ -163,87 +160,6 @@ def load_onnx_engine(export_dir: Path, model: NVAE) -> tuple[Engine, str]:
     return engine, f"onnxruntime {ort.__version__} ({engine.provider})"
 
 
-# ====================================================================== files and images
-class InputError(gr.Error):
-    """A problem with what the user gave, shown in the page (and not logged as a crash)."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message, print_exception=False)
-
-
-# The one answer for every file the app may not open, whether or not it exists: nothing about it is looked up.
-NOT_AN_UPLOAD = ("This app opens only files uploaded to it and its own examples: upload the image (or pick an "
-                 "example) and try again.")
-IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")  # what PIL may decode (no EPS, no PDF, ...)
-
-
-def shown(value: Any) -> str:
-    """A short, HTML-safe repr of a value someone sent, for a message (Gradio shows messages as HTML)."""
-    return html.escape(reprlib.repr(value), quote=False)
-
-
-class AppFiles:
-    """The files the app may open: the uploads Gradio received (its own set of uploaded paths, which
-    ``PublicBlocks`` attaches as ``uploads``) and the files the app ships (``ship``: its examples and Gradio's
-    cached copies of them). A path is compared as given, before anything touches the file system, so a refused
-    path gets the same answer whether or not it exists."""
-
-    def __init__(self) -> None:
-        self.uploads: Collection[str] = frozenset()
-        self.shipped: set[str] = set()
-
-    def ship(self, *paths: str) -> None:
-        """Let the app open these files of its own."""
-        self.shipped.update(paths)
-
-    def __contains__(self, path: object) -> bool:
-        return isinstance(path, str) and (path in self.shipped or path in self.uploads)
-
-    def path_of(self, payload: Any) -> str:
-        """The path of a Gradio file payload (``{"path": ..., "meta": {"_type": "gradio.FileData"}}``) that the
-        app may open; else ``InputError(NOT_AN_UPLOAD)``."""
-        path = payload.get("path") if isinstance(payload, dict) else None
-        if path not in self:
-            raise InputError(NOT_AN_UPLOAD)
-        return path
-
-
-def open_image(payload: Any, files: AppFiles, what: str | None = None) -> Image.Image:
-    """The image of an upload (a Gradio file payload naming a file in ``files``), decoded and upright. Raises
-    ``InputError`` with a message for the page when there is none, the file may not be opened, is empty, not an
-    image, corrupt or too big. ``what`` names the image in messages (default: the uploaded file's name)."""
-    if payload is None:
-        raise InputError(f"No image given{f' for {what}' if what else ''}: upload or paste one, or pick an example.")
-    path = files.path_of(payload)
-    name = what or html.escape(Path(str(payload.get("orig_name") or path)).name[:100], quote=False)
-    try:
-        if os.path.getsize(path) == 0:
-            raise InputError(f"{name} is an empty file (0 bytes), not an image.")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit comes next
-            image = Image.open(path, formats=IMAGE_FORMATS)
-    except Image.DecompressionBombError as error:
-        raise InputError(f"{name} is far too large: {error}. The limit is {MAX_SIDE} pixels per side and "
-                         f"{MAX_PIXELS / 1e6:g} megapixels.") from error
-    except UnidentifiedImageError as error:
-        raise InputError(f"{name} is not an image that can be read ({', '.join(IMAGE_FORMATS)}).") from error
-    except OSError as error:
-        raise InputError(f"Cannot read {name}: {error.strerror or error}") from error
-    with image:
-        width, height = image.size
-        if max(width, height) > MAX_SIDE or width * height > MAX_PIXELS:
-            raise InputError(f"{name} is {width}x{height} pixels, too large: the limit is {MAX_SIDE} pixels per "
-                             f"side and {MAX_PIXELS / 1e6:g} megapixels. Please make it smaller.")
-        if width == 0 or height == 0:
-            raise InputError(f"{name} is empty (0 pixels).")
-        try:
-            image.load()  # decode now, so that a truncated or corrupt file fails here
-            return ImageOps.exif_transpose(image)  # a copy, so the file can be closed
-        except (OSError, ValueError, EOFError, SyntaxError, Image.DecompressionBombError) as error:
-            raise InputError(f"{name} is corrupt or truncated and cannot be decoded ({shown(str(error))})."
-                             ) from error
-
-
 # ====================================================================== small helpers
 def scale_label(scale: int, num_scales: int, side: int) -> str:
     """E.g. 'scale 0 (coarsest, 4x4)': a scale and the height x width of its latents."""
@@ -252,24 +168,6 @@ def scale_label(scale: int, num_scales: int, side: int) -> str:
     if num_scales > 1 and scale == num_scales - 1:
         return f"scale {scale} (finest, {side}x{side})"
     return f"scale {scale} ({side}x{side})"
-
-
-def number(value: Any, name: str, low: float, high: float, integer: bool = False) -> float:
-    """``value`` (an int or a float, as JSON has them) as a number in [low, high] (an int if ``integer``), else
-    ``InputError`` naming it."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise InputError(f"{name} must be a number, got {shown(value)}.")
-    if not (low <= value <= high) or (integer and value != int(value)):  # NaN fails every comparison
-        kind = "a whole number" if integer else "a number"
-        raise InputError(f"{name} must be {kind} from {low:g} to {high:g}, got {shown(value)}.")
-    return int(value) if integer else float(value)
-
-
-def flag(value: Any, name: str) -> bool:
-    """``value`` if it is true or false, else ``InputError`` naming it."""
-    if not isinstance(value, bool):
-        raise InputError(f"{name} must be true or false, got {shown(value)}.")
-    return value
 
 
 def elapsed_ms(start: float) -> str:
@@ -584,46 +482,6 @@ class AnalysisGallery:
 
 
 # ====================================================================== the page
-FILE_PAYLOAD = '{"path": ..., "meta": {"_type": "gradio.FileData"}}'
-
-
-def input_name(component: Any) -> str:
-    """How a message names an input component: its label, else its kind."""
-    return getattr(component, "label", None) or type(component).__name__
-
-
-def file_payloads(value: Any) -> Iterator[dict[str, Any]]:
-    """Every dict with a 'path' key inside a JSON value: whatever Gradio or a handler could take for a file."""
-    stack = [value]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, dict):
-            if "path" in item:
-                yield item
-            stack.extend(item.values())
-        elif isinstance(item, list):
-            stack.extend(item)
-
-
-def check_request(endpoint: str, components: Sequence[Any], inputs: Sequence[Any], files: AppFiles) -> None:
-    """Refuse the raw inputs of an API request to ``endpoint`` before Gradio acts on them: the wrong number of
-    inputs, any file payload naming a file that is not in ``files``, or an image input that is no file payload."""
-    if len(inputs) != len(components):
-        names = ", ".join(input_name(component) for component in components)
-        raise InputError(f"{endpoint} takes {len(components)} inputs ({names}), got {len(inputs)}.")
-    for component, value in zip(components, inputs, strict=True):
-        for payload in file_payloads(value):
-            files.path_of(payload)
-        if value is None or isinstance(value, dict):
-            continue
-        if isinstance(component, gr.Image):
-            raise InputError(f"{input_name(component)} must be an uploaded image {FILE_PAYLOAD} or null, got "
-                             f"{shown(value)}.")
-        if isinstance(component, gr.ImageEditor):  # the sketchpad
-            raise InputError(f"{input_name(component)} must be a sketchpad value (a dict with a 'composite' image) "
-                             f"or null, got {shown(value)}.")
-
-
 class PublicBlocks(gr.Blocks):
     """``gr.Blocks`` for a server open to anyone. The handlers get their inputs raw (``preprocess=False``) and
     check them; but Gradio reads a request's inputs before any handler runs: it may copy or download the files

@@ -27,6 +27,7 @@ from gradio_client.exceptions import AppError
 from PIL import Image, ImageDraw
 
 from nvae_hub import NVAE, NVAEConfig
+from nvae_hub.app_input import MAX_PIXELS, MAX_SIDE
 from nvae_hub.hub import save_pretrained
 from nvae_hub.visual import display_zoom, image_grid, labelled_grid, to_pil
 
@@ -179,9 +180,9 @@ def bad_input(kind: str, folder: Path) -> str | None:
         digit(64).save(buffer, format="PNG")
         path.write_bytes(buffer.getvalue()[:-40])  # the header is intact, the pixel data cut short
     elif kind == "too-wide":
-        Image.new("L", (app.MAX_SIDE + 1, 8)).save(path)
+        Image.new("L", (MAX_SIDE + 1, 8)).save(path)
     elif kind == "too-many-pixels":
-        Image.new("L", (4000, app.MAX_PIXELS // 4000 + 1)).save(path)
+        Image.new("L", (4000, MAX_PIXELS // 4000 + 1)).save(path)
     return str(path)
 
 
@@ -190,7 +191,7 @@ BAD_INPUTS = {
     "text": "notes.txt is not an image that can be read",
     "zero-bytes": "zero-bytes.png is an empty file",
     "corrupt": "corrupt or truncated",
-    "too-wide": f"is {app.MAX_SIDE + 1}x8 pixels, too large: the limit is {app.MAX_SIDE} pixels per side",
+    "too-wide": f"is {MAX_SIDE + 1}x8 pixels, too large: the limit is {MAX_SIDE} pixels per side",
     "too-many-pixels": "too large: the limit is 4096 pixels per side and 16 megapixels",
 }
 
