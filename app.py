@@ -1,19 +1,20 @@
 """The nvae_hub Gradio app: sample a pretrained NVAE, reconstruct your images, swap latent scales between two
 images and see what each scale of the latent hierarchy controls.
 
-    python app.py                                # the bundled MNIST model at http://127.0.0.1:7860
-    python app.py --model user/repo --port 8080  # a model from the Hugging Face Hub (or a local folder)
+    python app.py                                # the bundled models (MNIST first) at http://127.0.0.1:7860
+    python app.py --model user/repo --port 8080  # one model from the Hugging Face Hub (or a local folder)
     NVAE_MODEL=path/to/folder python app.py
 
-Reading guide. ``Explorer`` loads the model and picks the runtime that generates images: onnxruntime on an ONNX
+Reading guide. ``Explorer`` loads a model and picks the runtime that generates images: onnxruntime on an ONNX
 export when one can be found or made (``find_onnx_export``), else PyTorch (``TorchEngine``). It has one method
 per button of the page; each checks its raw inputs (raising ``InputError``, a ``gr.Error`` shown in the page),
-runs the model and returns PNG-ready pictures and a line of Markdown. The app runs in public, so every request is
-treated as hostile: images are opened only from files Gradio received as uploads or the app ships, and
-``PublicBlocks`` checks each request before Gradio touches the files it names (``nvae_hub.app_input`` holds these
-checks: ``AppFiles``, ``open_image``, ``check_request``). ``build_app``
-lays out the page and wires the buttons to those methods; ``launch`` serves it with the app's limits; ``main``
-parses the command line and checks the port before the model loads.
+runs the model and returns PNG-ready pictures and a line of Markdown. ``ModelMenu`` holds one ``Explorer`` per
+model the page serves (every bundled model, or the one given) and sends each request to the model it names. The
+app runs in public, so every request is treated as hostile: images are opened only from files Gradio received as
+uploads or the app ships, and ``PublicBlocks`` checks each request before Gradio touches the files it names
+(``nvae_hub.app_input`` holds these checks: ``AppFiles``, ``open_image``, ``check_request``). ``build_app`` lays
+out the page and wires the buttons to those methods; ``launch`` serves it with the app's limits; ``main`` parses
+the command line and checks the port before the models load.
 Importing this file does no heavy work, so it also serves as a Hugging Face Space's ``app.py``.
 """
 
@@ -21,10 +22,12 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import inspect
 import itertools
 import logging
 import math
 import os
+import re
 import secrets
 import shutil
 import socket
@@ -37,13 +40,14 @@ import gradio as gr
 import numpy as np
 import torch
 from gradio.exceptions import InvalidPathError
+from huggingface_hub import metadata_load
 from PIL import Image
 from pydantic import ValidationError
 
-from nvae_hub import NVAE, load_pretrained
+from nvae_hub import NVAE, hub, load_pretrained
 from nvae_hub.app_input import NOT_AN_UPLOAD, AppFiles, InputError, check_request, flag, number, open_image, shown
-from nvae_hub.data import cache_root, image_to_tensor, mnist_arrays
-from nvae_hub.hub import BUNDLED_MODELS
+from nvae_hub.card import CARD_NAME
+from nvae_hub.data import cache_root, fashion_mnist_arrays, image_to_tensor, mnist_arrays
 from nvae_hub.visual import display_zoom, image_grid, labelled_grid, to_pil
 
 logger = logging.getLogger("nvae_hub.app")
@@ -54,7 +58,8 @@ MAX_SAMPLES = 64
 MAX_TEMPERATURE = 1.2
 DEFAULT_TEMPERATURE = 0.7
 BPD_SAMPLES = 16  # importance samples K of the bits/dim estimate
-NUM_EXAMPLES = 10
+NUM_EXAMPLES = 10  # one per class of the test sets below
+TEST_SETS = {"mnist": "MNIST test set", "fashion-mnist": "Fashion-MNIST test set"}  # where examples come from
 ONNX_META_FILE = "nvae_onnx.json"  # what marks a folder as an ONNX export (nvae_hub.onnx.META_FILE)
 RUNTIMES = ("auto", "onnx", "torch")
 # Small images (a 28x28 digit) fill their box with sharp pixels instead of sitting tiny in its middle.
@@ -106,6 +111,28 @@ class TorchEngine:
         return self.model.decode(self._tensors(latents)).float().cpu().numpy()
 
 
+def model_folder(model_name_or_path: str) -> Path | None:
+    """The folder of a local or bundled model (as ``load_pretrained`` finds it); None for a Hub repo."""
+    return Path(model_name_or_path) if Path(model_name_or_path).is_dir() else hub.bundled_model(model_name_or_path)
+
+
+def card_dataset(model_name_or_path: str) -> str | None:
+    """The data set a local or bundled model was trained on, as its model card's metadata names it (the first of
+    ``datasets``), else None."""
+    folder = model_folder(model_name_or_path)
+    card = folder / CARD_NAME if folder is not None else None
+    if card is None or not card.is_file():
+        return None
+    try:
+        datasets = (metadata_load(card) or {}).get("datasets")
+    except Exception as error:  # a card is text anyone may have edited: never a reason not to start
+        logger.warning("cannot read the metadata of %s (%s: %s)", card, type(error).__name__, error)
+        return None
+    if isinstance(datasets, str):
+        return datasets
+    return datasets[0] if isinstance(datasets, list) and datasets and isinstance(datasets[0], str) else None
+
+
 def weights_digest(model: NVAE) -> str:
     """A short hash of the model's config and weights: the key of its ONNX export in the cache."""
     digest = hashlib.sha256(model.config.to_json().encode())
@@ -121,7 +148,7 @@ def find_onnx_export(model: NVAE, model_name_or_path: str, onnx_dir: str | os.Pa
     holds one, else ``<cache>/onnx/<digest>``, exported there (once; later starts reuse it) if missing."""
     if onnx_dir is not None:
         return Path(onnx_dir)
-    folder = Path(model_name_or_path) if Path(model_name_or_path).is_dir() else BUNDLED_MODELS.get(model_name_or_path)
+    folder = model_folder(model_name_or_path)
     if folder is not None and (folder / "onnx" / ONNX_META_FILE).is_file():
         return folder / "onnx"
     target = cache / "onnx" / digest
@@ -182,6 +209,8 @@ class Explorer:
     ``runtime`` is 'auto' (onnxruntime if an export can be found or made, else PyTorch), 'onnx' (fail if it
     cannot be used) or 'torch'. Bits per dimension are always computed with PyTorch, with ``bpd_samples``
     importance samples. The methods take images as Gradio file payloads and open only those in ``files``.
+    A page that serves several models has per-scale inputs (temperatures, A/B choices) for the model with the most
+    scales: ``scale_inputs`` says how many; those past this model's scales are checked but unused.
     """
 
     def __init__(self, model_name_or_path: str, onnx_dir: str | os.PathLike | None = None, *,
@@ -203,6 +232,8 @@ class Explorer:
         self.num_scales = model.num_scales
         self.latent_shapes = model.latent_shapes()
         self.scale_labels = [scale_label(s, self.num_scales, cfg.latent_shape(s)[1]) for s in range(self.num_scales)]
+        self.scale_inputs = self.num_scales
+        self.dataset = card_dataset(self.name)
         self.zoom = display_zoom(cfg.image_size)
 
         self.engine: Engine = TorchEngine(model)
@@ -232,7 +263,7 @@ class Explorer:
         """An image of any size and mode as the model's data, (C, S, S) float32, and how it was converted:
         transparency flattened onto white, converted to grayscale or RGB, optionally inverted, the shorter
         side resized to S and the centre cropped, then binarised (Bernoulli models) or quantised to the
-        model's bits."""
+        model's bits (8 bits: kept as they are)."""
         cfg = self.config
         steps = [f"{image.mode} {image.width}x{image.height}"]
         if "A" in image.getbands() or "transparency" in image.info:
@@ -251,6 +282,8 @@ class Explorer:
             levels = 2**cfg.num_bits - 1
             x = np.rint(x * levels).astype(np.float32) / levels
             steps.append(f"quantised to {cfg.num_bits} bits")
+        else:
+            steps.append("256 levels kept (the model is an 8-bit logistic mixture)")
         return x, " → ".join(steps)
 
     def read(self, payload: Any, invert: bool = False, what: str | None = None) -> tuple[np.ndarray, str]:
@@ -270,24 +303,26 @@ class Explorer:
                      for s, t in enumerate(scale_temperatures)]
         if not flag(override, "Use per-scale temperatures"):
             return [temperature] * len(self.scale_of_group)
-        if len(per_scale) != self.num_scales:
-            raise InputError(f"Expected {self.num_scales} per-scale temperatures, got {len(per_scale)}.")
+        if len(per_scale) != self.scale_inputs:
+            raise InputError(f"Expected {self.scale_inputs} per-scale temperatures, got {len(per_scale)}.")
         return [per_scale[s] for s in self.scale_of_group]
 
     def _write_examples(self) -> tuple[list[str], str]:
-        """Example inputs as PNG files (in the cache): one MNIST test digit of each class for a 28x28 grayscale
-        Bernoulli model, else samples of the model (binarised or quantised like an input)."""
+        """Example inputs as PNG files (in the cache): for a 28x28 grayscale model trained on MNIST or
+        Fashion-MNIST (as its card says; a Bernoulli one without a card is taken for MNIST), the first test image
+        of each class; else samples of the model (binarised or quantised like an input)."""
         cfg = self.config
         folder = self.cache / "app-examples" / self.digest
         pictures: list[np.ndarray] = []
         source = ""
-        if (cfg.image_size, cfg.channels, cfg.output) == (28, 1, "bernoulli"):
+        dataset = self.dataset or ("mnist" if cfg.output == "bernoulli" else None)
+        if (cfg.image_size, cfg.channels) == (28, 1) and dataset in TEST_SETS:
             try:
-                x, y = mnist_arrays(self.cache)["test"]
-                pictures = [x[int(np.flatnonzero(y == digit)[0])] for digit in range(NUM_EXAMPLES)]
-                source = "MNIST test set"
+                x, y = (mnist_arrays if dataset == "mnist" else fashion_mnist_arrays)(self.cache)["test"]
+                pictures = [x[int(np.flatnonzero(y == label)[0])] for label in range(NUM_EXAMPLES)]
+                source = TEST_SETS[dataset]
             except Exception as error:  # no cached copy and no network: samples will do
-                logger.warning("MNIST test images unavailable (%s: %s); using samples as examples",
+                logger.warning("%s images unavailable (%s: %s); using samples as examples", TEST_SETS[dataset],
                                type(error).__name__, error)
         if not pictures:
             temperatures = [DEFAULT_TEMPERATURE] * len(self.scale_of_group)
@@ -365,8 +400,12 @@ class Explorer:
 
     def swap(self, image_a: Any, image_b: Any, *choices: str) -> tuple[Image.Image, Image.Image, str]:
         """A's latents with the scales chosen 'B' taken from B, and the table of all 2^S such combinations."""
-        if len(choices) != self.num_scales or any(c not in ("A", "B") for c in choices):
-            raise InputError(f"Choose A or B for each of the {self.num_scales} scales, got {list(choices)}.")
+        if len(choices) != self.scale_inputs or any(c not in ("A", "B") for c in choices):
+            unused = self.scale_inputs - self.num_scales
+            more = f" (and for the {unused} unused inputs of other models' scales)" if unused else ""
+            raise InputError(f"Choose A or B for each of the {self.num_scales} scales{more}, got "
+                             f"{shown(list(choices))}.")
+        choices = choices[:self.num_scales]
         start = time.perf_counter()
         latents = self._encode_pair(image_a, image_b)
         combinations = list(itertools.product("AB", repeat=self.num_scales))
@@ -432,7 +471,16 @@ class Explorer:
                       f"afresh: what changes is what that scale controls. Temperature {temps[0]:g}, seed {seed}: "
                       f"{took} with {self.runtime}.")
 
-    # ------------------------------------------------------------------ the page's header
+    # ------------------------------------------------------------------ the page
+    def scale_control(self, scale: int, groups: bool = True) -> dict[str, Any]:
+        """The label and visibility of the page's per-scale input ``scale`` (a temperature slider, or with
+        ``groups=False`` an A/B choice) for this model: hidden past its scales."""
+        if scale >= self.num_scales:
+            return {"label": f"scale {scale} (not in this model)", "visible": False}
+        n = self.groups_per_scale[scale]
+        label = self.scale_labels[scale] + (f", {n} group{'s' if n > 1 else ''}" if groups else "")
+        return {"label": label, "visible": True}
+
     def describe(self) -> str:
         """Markdown about the model and the runtime."""
         cfg = self.config
@@ -448,6 +496,55 @@ class Explorer:
                 f"**Runtime**: {self.runtime}{note}; bits/dim with PyTorch.")
 
 
+# ====================================================================== several models on one page
+def bundled_models() -> list[str]:
+    """The names of the bundled models (``nvae_hub.hub.BUNDLED_MODELS``), ``DEFAULT_MODEL`` first."""
+    return sorted(hub.BUNDLED_MODELS, key=lambda name: (name != DEFAULT_MODEL, name))
+
+
+def css_name(name: str) -> str:
+    """``name`` as a part of an HTML element id: letters, digits, '-' and '_' only."""
+    return re.sub(r"[^A-Za-z0-9_-]+", "-", name)
+
+
+class ModelMenu:
+    """The models a page serves, by the names its model menu lists (the first is the default): one ``Explorer``
+    each, made (loaded, and exported to ONNX as ``Explorer`` does) once when the app starts, so that switching is
+    instant. A request names its model by the keyword ``model``: only these names are accepted, compared as
+    strings (a name a request sends is never opened as a path)."""
+
+    def __init__(self, models: Sequence[str], files: AppFiles, **options: Any) -> None:
+        if len(models) > 1 and options.get("onnx_dir") is not None:
+            raise ValueError("onnx_dir is the export of one model, not of several")
+        self.explorers = {str(name): Explorer(name, files=files, **options) for name in models}
+        self.names = list(self.explorers)
+        self.default = self.names[0]
+        # The page has per-scale inputs for the model with the most scales.
+        self.scale_inputs = max(explorer.num_scales for explorer in self.explorers.values())
+        for explorer in self.explorers.values():
+            explorer.scale_inputs = self.scale_inputs
+
+    def __getitem__(self, name: Any) -> Explorer:
+        """The ``Explorer`` of model ``name``; ``InputError`` for anything that is not one of ``names``."""
+        if not isinstance(name, str) or name not in self.explorers:
+            raise KeyError(name)
+        return self.explorers[name]
+
+    def handler(self, action: str) -> Callable[..., Any]:
+        """``Explorer.<action>`` of the model a request names: a function with the method's parameters (so that
+        the API keeps their names) and the keyword ``model``, which defaults to the default model."""
+        method = getattr(Explorer, action)
+
+        def handler(*inputs: Any, model: Any = self.default) -> Any:
+            return getattr(self[model], action)(*inputs)
+
+        handler.__name__, handler.__doc__ = action, method.__doc__
+        model = inspect.Parameter("model", inspect.Parameter.KEYWORD_ONLY, default=self.default)
+        parameters = list(inspect.signature(method).parameters.values())[1:]  # without self
+        handler.__signature__ = inspect.Signature([*parameters, model])  # what Gradio reads
+        return handler
+
+
 # ====================================================================== analyses of the bundled models
 class AnalysisGallery:
     """The bundled models' analyses (``python -m nvae_hub.analysis``, written by ``make analysis`` into
@@ -457,7 +554,7 @@ class AnalysisGallery:
         from nvae_hub.analysis.report import key_numbers, load_results
 
         self.models: dict[str, tuple[str, list[Image.Image | None]]] = {}
-        for name in BUNDLED_MODELS:
+        for name in hub.BUNDLED_MODELS:
             results = load_results(folder / name)
             if not results:
                 continue
@@ -493,11 +590,16 @@ class PublicBlocks(gr.Blocks):
         super().__init__(**kwargs)
         self.files = files
         files.uploads = self.upload_file_set  # the paths of the files that Gradio's upload route received
+        self.model_choice: gr.Dropdown | None = None  # the model menu, the last input of the endpoints that use it
 
     async def preprocess_data(self, block_fn: Any, inputs: list[Any], state: Any, explicit_call: bool = False
                               ) -> list[Any]:
-        """Gradio's ``Blocks.preprocess_data`` after ``check_request``, with readable errors."""
+        """Gradio's ``Blocks.preprocess_data`` after ``check_request``, with readable errors. A request without
+        its last input, the model (as made before the app had a model menu), gets the default model."""
         endpoint = f"/{block_fn.api_name or block_fn.name}"
+        if (self.model_choice is not None and block_fn.inputs and block_fn.inputs[-1] is self.model_choice
+                and len(inputs) == len(block_fn.inputs) - 1):
+            inputs = [*inputs, self.model_choice.value]
         check_request(endpoint, block_fn.inputs, inputs, self.files)
         try:
             return await super().preprocess_data(block_fn, inputs, state, explicit_call)
@@ -512,44 +614,58 @@ class PublicBlocks(gr.Blocks):
                              f"that /gradio_api/info describes.") from error
 
 
-def build_app(model_name_or_path: str, onnx_dir: str | os.PathLike | None = None, *, runtime: str = "auto",
-              cache_dir: str | os.PathLike | None = None, bpd_samples: int = BPD_SAMPLES,
+def build_app(model_name_or_path: str | None = None, onnx_dir: str | os.PathLike | None = None, *,
+              runtime: str = "auto", cache_dir: str | os.PathLike | None = None, bpd_samples: int = BPD_SAMPLES,
               analyses_dir: Path = ANALYSES_DIR) -> gr.Blocks:
-    """Load the model (see ``Explorer``) and lay out the page: tabs Sample, Reconstruct, Swap scales, Explore
-    scales and Analyses (of the bundled models, from ``analyses_dir``). Every button has an ``api_name`` so that
-    ``gradio_client`` can call it too."""
+    """Load the models (see ``ModelMenu``) and lay out the page: a model menu, then tabs Sample, Reconstruct, Swap
+    scales, Explore scales and Analyses (of the bundled models, from ``analyses_dir``). ``model_name_or_path``
+    None serves every bundled model (``bundled_models``; the menu switches between them), else that one model (the
+    menu is hidden). Every button has an ``api_name`` so that ``gradio_client`` can call it too; those that run a
+    model take it as their last input, ``model`` (default: the menu's first model)."""
+    models = bundled_models() if model_name_or_path is None else [str(model_name_or_path)]
+    if not models:
+        raise ValueError(f"no bundled models in {hub.BUNDLED_DIR}: give a model folder, bundled name or Hub repo id")
     files = AppFiles()
-    ex = Explorer(model_name_or_path, onnx_dir, runtime=runtime, cache_dir=cache_dir, bpd_samples=bpd_samples,
-                  files=files)
+    menu = ModelMenu(models, files, onnx_dir=onnx_dir, runtime=runtime, cache_dir=cache_dir,
+                     bpd_samples=bpd_samples)
+    default = menu[menu.default]
     gallery = AnalysisGallery(analyses_dir)
     png = {"format": "png", "type": "pil", "interactive": False, "buttons": ["download", "fullscreen"]}
     single = {**png, "elem_classes": "pixelated", "height": 220}  # one image, not a grid
+    example_columns: dict[str, list[gr.Column]] = {name: [] for name in menu.names}  # per model, per tab
 
     def upload(label: str, elem_id: str, value: str | None = None) -> gr.Image:
         # The handlers get the raw file payload (preprocess=False below) and decode it themselves, to explain
         # problems. A file that is no usable image is refused when it arrives, so no broken picture stays.
         box = gr.Image(value=value, label=label, type="filepath", image_mode=None, sources=["upload", "clipboard"],
                        elem_id=elem_id, elem_classes="pixelated", height=220)
-        box.upload(ex.check_upload, box, None, preprocess=False, api_visibility="private").failure(
+        box.upload(default.check_upload, box, None, preprocess=False, api_visibility="private").failure(
             lambda: None, None, box, queue=False, api_visibility="private")
         return box
 
+    def examples(box: gr.Image, label: str, elem_id: str) -> None:
+        # One set of examples per model; only the chosen model's is shown.
+        for name, ex in menu.explorers.items():
+            with gr.Column(visible=name == menu.default, elem_id=f"{elem_id}-{css_name(name)}") as column:
+                gr.Examples([[p] for p in ex.examples], inputs=[box], label=f"{label}: {ex.examples_source}")
+            example_columns[name].append(column)
+
     def listen(event: Callable[..., Any], fn: Callable[..., Any], inputs: list[gr.Component],
-               outputs: list[gr.Component], api_name: str) -> None:
+               outputs: list[gr.Component], api_name: str, **inputs_kwargs: gr.Component) -> None:
         # An event (e.g. a button's click) runs fn on the raw inputs (fn checks them); when a call fails, its
         # outputs are cleared, so that no earlier result stays on the page under the error.
-        event(fn, inputs, outputs, api_name=api_name, preprocess=False).failure(
+        event(fn, inputs, outputs, api_name=api_name, preprocess=False, inputs_kwargs=inputs_kwargs or None).failure(
             lambda: [None] * len(outputs), None, outputs, queue=False, api_visibility="private")
 
-    def scale_temperature_sliders() -> list[gr.Slider]:
-        return [gr.Slider(0, MAX_TEMPERATURE, value=DEFAULT_TEMPERATURE, step=0.05,
-                          label=f"{label}, {n} group{'s' if n > 1 else ''}")
-                for label, n in zip(ex.scale_labels, ex.groups_per_scale, strict=True)]
-
-    with PublicBlocks(files, title=f"NVAE explorer: {ex.name}", analytics_enabled=False) as demo:
-        gr.Markdown(f"# NVAE explorer\nA deep hierarchical VAE ([Vahdat & Kautz, NeurIPS 2020]"
-                    f"(https://arxiv.org/abs/2007.03898)): its latents form groups at several spatial scales, "
-                    f"from coarse (global structure) to fine (details).\n\n{ex.describe()}")
+    with PublicBlocks(files, title="NVAE explorer" + ("" if len(models) > 1 else f": {menu.default}"),
+                      analytics_enabled=False) as demo:
+        gr.Markdown("# NVAE explorer\nA deep hierarchical VAE ([Vahdat & Kautz, NeurIPS 2020]"
+                    "(https://arxiv.org/abs/2007.03898)): its latents form groups at several spatial scales, "
+                    "from coarse (global structure) to fine (details).")
+        model_choice = gr.Dropdown(menu.names, value=menu.default, label="Model", elem_id="model-choice",
+                                   info="every tab uses the model chosen here", visible=len(models) > 1)
+        demo.model_choice = model_choice
+        description = gr.Markdown(default.describe(), elem_id="model-description")
         with gr.Tabs():
             with gr.Tab("Sample", id="sample"), gr.Row():
                 with gr.Column(scale=1):
@@ -559,7 +675,9 @@ def build_app(model_name_or_path: str, onnx_dir: str | os.PathLike | None = None
                     seed = gr.Number(value=0, precision=0, minimum=0, label="Seed")
                     with gr.Accordion("Per-scale temperatures", open=False):
                         override = gr.Checkbox(label="Use these instead of the temperature above")
-                        scale_temperatures = scale_temperature_sliders()
+                        scale_temperatures = [gr.Slider(0, MAX_TEMPERATURE, value=DEFAULT_TEMPERATURE, step=0.05,
+                                                        elem_id=f"scale-temperature-{s}", **default.scale_control(s))
+                                              for s in range(menu.scale_inputs)]
                     sample_button = gr.Button("Sample", variant="primary")
                 with gr.Column(scale=2):
                     samples = gr.Image(label="Samples", elem_id="sample-output", **png)
@@ -568,18 +686,17 @@ def build_app(model_name_or_path: str, onnx_dir: str | os.PathLike | None = None
             with gr.Tab("Reconstruct", id="reconstruct"), gr.Row():
                 with gr.Column(scale=1):
                     with gr.Tab("Upload"):
-                        image = upload("Image (any size or mode)", "reconstruct-input", ex.examples[0])
+                        image = upload("Image (any size or mode)", "reconstruct-input", default.examples[0])
                         invert = gr.Checkbox(label="Invert colours first (for dark strokes on a light background)")
                         reconstruct_button = gr.Button("Reconstruct", variant="primary")
-                        gr.Examples([[p] for p in ex.examples], inputs=[image], label=f"Examples: {ex.examples_source}",
-                                    elem_id="reconstruct-examples")
+                        examples(image, "Examples", "reconstruct-examples")
                     with gr.Tab("Draw"):
                         gr.Markdown("Pick the brush left of the canvas, draw, then reconstruct.")
                         sketch = gr.Sketchpad(type="pil", image_mode="L", canvas_size=(280, 280), fixed_canvas=True,
                                               brush=gr.Brush(default_size=22, colors=["#000000"],
                                                              default_color="#000000"),
                                               label="Draw", elem_id="sketch-input")
-                        invert_sketch = gr.Checkbox(value=ex.config.channels == 1,
+                        invert_sketch = gr.Checkbox(value=default.config.channels == 1,
                                                     label="Invert colours first (light strokes on dark, like MNIST)")
                         sketch_button = gr.Button("Reconstruct drawing", variant="primary")
                 with gr.Column(scale=1):
@@ -594,14 +711,15 @@ def build_app(model_name_or_path: str, onnx_dir: str | os.PathLike | None = None
                             "scales carry global structure, the fine ones details (the paper's variable control).")
                 with gr.Row():
                     with gr.Column(scale=1):
-                        image_a = upload("Image A", "swap-a", ex.examples[0])
-                        gr.Examples([[p] for p in ex.examples], inputs=[image_a], label="Examples for A")
+                        image_a = upload("Image A", "swap-a", default.examples[0])
+                        examples(image_a, "Examples for A", "swap-a-examples")
                     with gr.Column(scale=1):
-                        image_b = upload("Image B", "swap-b", ex.examples[1 % len(ex.examples)])
-                        gr.Examples([[p] for p in ex.examples], inputs=[image_b], label="Examples for B")
+                        image_b = upload("Image B", "swap-b", default.examples[1 % len(default.examples)])
+                        examples(image_b, "Examples for B", "swap-b-examples")
                     with gr.Column(scale=1):
-                        choices = [gr.Radio(["A", "B"], value="B" if s == 0 else "A", label=label)
-                                   for s, label in enumerate(ex.scale_labels)]
+                        choices = [gr.Radio(["A", "B"], value="B" if s == 0 else "A", elem_id=f"swap-scale-{s}",
+                                            **default.scale_control(s, groups=False))
+                                   for s in range(menu.scale_inputs)]
                         swap_button = gr.Button("Swap", variant="primary")
                         swapped = gr.Image(label="Result", elem_id="swap-result", **single)
                 with gr.Row():
@@ -628,8 +746,9 @@ def build_app(model_name_or_path: str, onnx_dir: str | os.PathLike | None = None
                     explore_info = gr.Markdown()
 
             with gr.Tab("Analyses", id="analyses"):
+                analysed = None
                 if gallery.models:
-                    first = next(iter(gallery.models))
+                    first = menu.default if menu.default in gallery.models else next(iter(gallery.models))
                     text, figures = gallery.models[first]
                     analysed = gr.Dropdown(list(gallery.models), value=first, label="Bundled model")
                     analysis_numbers = gr.Markdown(text)
@@ -640,19 +759,50 @@ def build_app(model_name_or_path: str, onnx_dir: str | os.PathLike | None = None
                 else:
                     gr.Markdown("No analyses of the bundled models were found: `make analysis` computes them.")
 
-        listen(sample_button.click, ex.sample, [temperature, count, seed, override, *scale_temperatures],
-               [samples, sample_info], "sample")
-        listen(reconstruct_button.click, ex.reconstruct, [image, invert], [converted, reconstruction, reconstruct_info],
-               "reconstruct")
-        listen(sketch_button.click, ex.reconstruct_drawing, [sketch, invert_sketch],
-               [converted, reconstruction, reconstruct_info], "reconstruct_drawing")
-        listen(swap_button.click, ex.swap, [image_a, image_b, *choices], [swapped, swap_table, swap_info], "swap")
-        listen(interpolate_button.click, ex.interpolate, [image_a, image_b, steps],
-               [interpolation, interpolate_info], "interpolate")
-        listen(explore_button.click, ex.explore, [explore_temperature, explore_seed, variations],
-               [explored, explore_info], "explore")
+        listen(sample_button.click, menu.handler("sample"), [temperature, count, seed, override, *scale_temperatures],
+               [samples, sample_info], "sample", model=model_choice)
+        listen(reconstruct_button.click, menu.handler("reconstruct"), [image, invert],
+               [converted, reconstruction, reconstruct_info], "reconstruct", model=model_choice)
+        listen(sketch_button.click, menu.handler("reconstruct_drawing"), [sketch, invert_sketch],
+               [converted, reconstruction, reconstruct_info], "reconstruct_drawing", model=model_choice)
+        listen(swap_button.click, menu.handler("swap"), [image_a, image_b, *choices], [swapped, swap_table, swap_info],
+               "swap", model=model_choice)
+        listen(interpolate_button.click, menu.handler("interpolate"), [image_a, image_b, steps],
+               [interpolation, interpolate_info], "interpolate", model=model_choice)
+        listen(explore_button.click, menu.handler("explore"), [explore_temperature, explore_seed, variations],
+               [explored, explore_info], "explore", model=model_choice)
+
         # The page shows the examples from Gradio's cached copies: those are the app's own files too.
-        files.ship(*(demo.move_resource_to_block_cache(path) for path in ex.examples))
+        shown_examples = {name: [demo.move_resource_to_block_cache(path) for path in ex.examples]
+                          for name, ex in menu.explorers.items()}
+        files.ship(*itertools.chain(*shown_examples.values()))
+        boxes = [image, image_a, image_b]
+        results = [samples, sample_info, converted, reconstruction, reconstruct_info, swapped, swap_table, swap_info,
+                   interpolation, interpolate_info, explored, explore_info]
+
+        def switch(name: Any, *payloads: Any) -> dict[gr.components.Component | gr.Column, Any]:
+            # The page for model `name`: its description, per-scale controls, examples and analyses; an upload box
+            # that holds an example of another model gets the same example of this one. The earlier model's
+            # results are cleared.
+            ex = menu[name]
+            page: dict[Any, Any] = {description: ex.describe(), invert_sketch: ex.config.channels == 1}
+            for s, (slider, radio) in enumerate(zip(scale_temperatures, choices, strict=True)):
+                page[slider] = gr.update(**ex.scale_control(s))
+                page[radio] = gr.update(**ex.scale_control(s, groups=False))
+            for other, columns in example_columns.items():
+                page.update(dict.fromkeys(columns, gr.update(visible=other == name)))
+            for box, payload in zip(boxes, payloads, strict=True):
+                path = payload.get("path") if isinstance(payload, dict) else None
+                for other in shown_examples.values():
+                    if path in other:
+                        page[box] = shown_examples[name][other.index(path) % len(shown_examples[name])]
+            if analysed is not None and name in gallery.models:
+                page[analysed] = name
+            return {**page, **dict.fromkeys(results)}
+
+        outputs = [description, invert_sketch, *scale_temperatures, *choices, *boxes, *results,
+                   *itertools.chain(*example_columns.values()), *([analysed] if analysed is not None else [])]
+        model_choice.change(switch, [model_choice, *boxes], outputs, preprocess=False, api_visibility="private")
     # A burst of visitors waits in line: two requests run at a time, 32 more may queue.
     demo.queue(default_concurrency_limit=2, max_size=32)
     return demo
@@ -670,12 +820,13 @@ def build_parser() -> argparse.ArgumentParser:
     """The command line; defaults come from NVAE_MODEL, GRADIO_SERVER_NAME and GRADIO_SERVER_PORT when set (as
     on a Hugging Face Space)."""
     parser = argparse.ArgumentParser(description="Explore a pretrained NVAE in the browser.")
-    parser.add_argument("--model", default=os.environ.get("NVAE_MODEL") or DEFAULT_MODEL,
-                        help=f"a model folder, bundled model name or Hub repo id (default: $NVAE_MODEL or "
-                             f"{DEFAULT_MODEL})")
+    parser.add_argument("--model", default=os.environ.get("NVAE_MODEL") or None,
+                        help=f"serve just this model: a model folder, bundled model name or Hub repo id (default: "
+                             f"$NVAE_MODEL, else every bundled model, {DEFAULT_MODEL} first, with a menu that "
+                             f"switches between them)")
     parser.add_argument("--onnx-dir", default=None,
-                        help="an existing ONNX export of the model (default: <model folder>/onnx, else export once "
-                             "into the cache)")
+                        help="an existing ONNX export of the --model (default: <model folder>/onnx, else export "
+                             "once into the cache)")
     parser.add_argument("--runtime", choices=RUNTIMES, default="auto",
                         help="auto: onnxruntime when possible, else PyTorch (default)")
     parser.add_argument("--cache-dir", default=None, help="for the ONNX export (default: $NVAE_HUB_CACHE or "
@@ -712,10 +863,12 @@ def setup_logging() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Parse the command line, check that the port is free (before the slow model load), load the model and serve
+    """Parse the command line, check that the port is free (before the slow model load), load the models and serve
     the app until interrupted."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.onnx_dir is not None and args.model is None:
+        parser.error("--onnx-dir is the export of one model: name it with --model")
     problem = can_serve(args.host, args.port)
     if problem is not None:
         free = next((p for p in range(args.port + 1, min(args.port + 100, 65536)) if can_serve(args.host, p) is None),

@@ -1,9 +1,10 @@
-"""The Gradio app (app.py): every endpoint through gradio_client on a tiny model served by onnxruntime, bad inputs
-and their messages, the PyTorch fallback, the ONNX export cache, the command line, and the picture helpers of
-``nvae_hub.visual``.
+"""The Gradio app (app.py) serving one model (``--model PATH``): every endpoint through gradio_client on a tiny model
+served by onnxruntime, bad inputs and their messages, the PyTorch fallback, the ONNX export cache, the examples,
+the command line, and the picture helpers of ``nvae_hub.visual``.
 
-``start_app`` is shared with tests/test_browser.py: it serves the tiny model from a cache folder that both test
-modules share within a session, so the model is exported to ONNX once.
+``start_app`` serves the tiny model from a cache folder that the app's test modules share within a session, so the
+model is exported to ONNX once; ``start_bundled_app`` serves the app as it runs by default, on every bundled model,
+with two stand-ins made here (tests/test_app_models.py, tests/test_app_security.py, tests/test_browser.py).
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image, ImageDraw
 
-from nvae_hub import NVAE, NVAEConfig
+from nvae_hub import NVAE, NVAEConfig, hub
 from nvae_hub.app_input import MAX_PIXELS, MAX_SIDE
+from nvae_hub.card import TrainingInfo
 from nvae_hub.hub import save_pretrained
 from nvae_hub.visual import display_zoom, image_grid, labelled_grid, to_pil
 
@@ -39,6 +41,9 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 TINY = NVAEConfig.preset("tiny")  # 16x16 grayscale, Bernoulli, 2 scales (4x4 and 8x8 latents)
 TILE = TINY.image_size * display_zoom(TINY.image_size)  # side of one image in the app's pictures
+# A second bundled model unlike the tiny one in all that the page shows: size, colour, output, number of scales.
+COLOR = TINY.replace(image_size=8, channels=3, num_scales=1, output="logistic_mixture", num_mixtures=2)
+COLOR_TILE = COLOR.image_size * display_zoom(COLOR.image_size)
 
 
 def shared_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -55,6 +60,16 @@ def tiny_model_dir(cache: Path) -> Path:
     return folder
 
 
+def fake_bundled_models(cache: Path) -> dict[str, Path]:
+    """Stand-ins for ``nvae_hub.hub.BUNDLED_MODELS``, in its order (by name): 'color' (``COLOR``) and 'mnist' (the
+    tiny model), saved into ``cache`` (once)."""
+    color = cache / "color-model"
+    if not (color / "model.safetensors").is_file():
+        torch.manual_seed(1)
+        save_pretrained(NVAE(COLOR).eval(), color)
+    return {"color": color, "mnist": tiny_model_dir(cache)}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -65,6 +80,22 @@ def start_app(cache: Path, **options: Any) -> tuple[gr.Blocks, str]:
     """Build the app on the tiny model (onnxruntime, exported into ``cache`` if not there yet; more ``build_app``
     options may be given) and serve it on a free local port. Returns the app (close it when done) and its URL."""
     demo = app.build_app(str(tiny_model_dir(cache)), runtime="onnx", cache_dir=cache, **options)
+    port = free_port()
+    app.launch(demo, host="127.0.0.1", port=port, block=False)
+    return demo, f"http://127.0.0.1:{port}/"
+
+
+def build_bundled_app(cache: Path, **options: Any) -> gr.Blocks:
+    """``app.build_app()`` as ``python app.py`` runs it, on every bundled model, with ``fake_bundled_models(cache)`` in
+    their place, on PyTorch (no ONNX export to wait for; more ``build_app`` options may be given)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(hub, "BUNDLED_MODELS", fake_bundled_models(cache))
+        return app.build_app(**{"runtime": "torch", "cache_dir": cache, **options})
+
+
+def start_bundled_app(cache: Path, **options: Any) -> tuple[gr.Blocks, str]:
+    """``build_bundled_app`` served on a free local port. Returns the app (close it when done) and its URL."""
+    demo = build_bundled_app(cache, **options)
     port = free_port()
     app.launch(demo, host="127.0.0.1", port=port, block=False)
     return demo, f"http://127.0.0.1:{port}/"
@@ -83,6 +114,13 @@ def served(tmp_path_factory: pytest.TempPathFactory):
         yield SimpleNamespace(client=Client(url, verbose=False), cache=cache, files=tmp_path_factory.mktemp("files"))
     finally:
         demo.close()
+
+
+def grid_size(count: int, tile: int) -> tuple[int, int]:
+    """The size of the app's grid of ``count`` samples of side ``tile`` (``app.Explorer.sample``)."""
+    columns = math.ceil(math.sqrt(count))
+    rows = math.ceil(count / columns)
+    return columns * (tile + 2) + 2, rows * (tile + 2) + 2
 
 
 def png(path: str) -> Image.Image:
@@ -314,6 +352,30 @@ def test_mnist_models_get_one_test_digit_of_each_class(tmp_path, monkeypatch):
     np.testing.assert_allclose(first_seven, images[7, 0], atol=1 / 255)
 
 
+@pytest.mark.parametrize(("output", "dataset", "source"), [
+    ("logistic_mixture", "fashion-mnist", "Fashion-MNIST test set"),
+    ("logistic_mixture", "mnist", "MNIST test set"),  # the card says which test set, not the output
+    ("bernoulli", "fashion-mnist", "Fashion-MNIST test set"),
+    ("logistic_mixture", None, "samples of the model"),  # no data set on the card, not Bernoulli: samples
+])
+def test_examples_come_from_the_test_set_the_model_card_names(tmp_path, monkeypatch, output, dataset, source):
+    config = TINY.replace(image_size=28, padding=2, output=output)
+    training = TrainingInfo(command="python train/run.py", dataset=dataset, steps=1, wall_time_seconds=1.0,
+                            hardware="CPU") if dataset else None
+    torch.manual_seed(0)
+    save_pretrained(NVAE(config).eval(), tmp_path / "model", training)
+    labels = np.arange(30) * 3 % 10  # the first image of class c is not image c
+    rng = np.random.default_rng(0)
+    test_sets = {name: rng.random((30, 1, 28, 28)).astype(np.float32) for name in ("mnist", "fashion-mnist")}
+    monkeypatch.setattr(app, "mnist_arrays", lambda data_dir: {"test": (test_sets["mnist"], labels)})
+    monkeypatch.setattr(app, "fashion_mnist_arrays", lambda data_dir: {"test": (test_sets["fashion-mnist"], labels)})
+    explorer = app.Explorer(str(tmp_path / "model"), runtime="torch", cache_dir=tmp_path / "cache")
+    assert explorer.examples_source.startswith(source) and len(explorer.examples) == 10
+    if dataset is not None:
+        first_six = np.asarray(Image.open(explorer.examples[6]), dtype=np.float32) / 255
+        np.testing.assert_allclose(first_six, test_sets[dataset][2, 0], atol=1 / 255)  # labels[2] == 6
+
+
 # ---------------------------------------------------------------------- command line and helpers
 def test_command_line(monkeypatch):
     monkeypatch.delenv("NVAE_MODEL", raising=False)
@@ -321,7 +383,7 @@ def test_command_line(monkeypatch):
     monkeypatch.delenv("GRADIO_SERVER_PORT", raising=False)
     args = app.build_parser().parse_args([])
     assert (args.model, args.host, args.port, args.share, args.onnx_dir, args.runtime) == (
-        "mnist", "127.0.0.1", 7860, False, None, "auto")
+        None, "127.0.0.1", 7860, False, None, "auto")  # no model: every bundled model
     monkeypatch.setenv("NVAE_MODEL", "user/repo")
     assert app.build_parser().parse_args([]).model == "user/repo"
     args = app.build_parser().parse_args(["--model", "folder", "--onnx-dir", "out", "--host", "0.0.0.0",

@@ -1,8 +1,9 @@
-"""The app as anyone on the network sees it, through raw HTTP requests (no gradio_client): it opens only the files
-it received as uploads and its own examples (every other path gets the same plain refusal, whether or not it
-exists); the same request gets the same answer under concurrent load; inputs that only the API can send get their
-own messages; a fuzz test sends every endpoint malformed payloads; the log shows nvae_hub's messages only; a taken
-port is a usage error before the model loads.
+"""The app as anyone on the network sees it, through raw HTTP requests (no gradio_client), served as it runs by
+default, on every bundled model (two stand-ins: tests/test_app.py's ``fake_bundled_models``): it opens only the
+files it received as uploads and its own examples (every other path gets the same plain refusal, whether or not it
+exists); a request chooses its model only by one of the menu's names; the same request gets the same answer under
+concurrent load; inputs that only the API can send get their own messages; a fuzz test sends every endpoint
+malformed payloads; the log shows nvae_hub's messages only; a taken port is a usage error before the model loads.
 
 Every request goes to 127.0.0.1 with a timeout, and every loop of requests is bounded in count and time.
 """
@@ -28,7 +29,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 from test_analysis_app import write_analyses
-from test_app import ROOT, app, digit, free_port, shared_cache, start_app, tiny_model_dir
+from test_app import ROOT, app, digit, free_port, shared_cache, start_bundled_app, tiny_model_dir
 
 from nvae_hub import NVAE, NVAEConfig
 
@@ -38,8 +39,9 @@ DEADLINE = 240  # seconds for all the requests of one test
 ERROR_FORMS = re.compile("|".join([  # the forms of the app's messages about bad input
     re.escape(app.NOT_AN_UPLOAD), r"must be (a|an|true)\b", r"takes \d+ inputs", "No image given",
     "The drawing is empty", r"Choose A or B", "cannot read its inputs", r"is not an image that can be read",
-    r"; choose one of: mnist\.",
+    r"; choose one of: mnist\.", "The model must be one of mnist, color, got ",
 ]))
+MODELS_REFUSED = "The model must be one of mnist, color, got "
 
 
 def png_bytes(image: Image.Image) -> bytes:
@@ -93,6 +95,20 @@ class Api:
         config = self.http.get("/../config").json()
         return next(c["props"]["value"] for c in config["components"] if c.get("props", {}).get("elem_id") == elem_id)
 
+    def examples(self, elem_id: str) -> list[Any]:
+        """The file payloads of the examples inside the page's block ``elem_id``, as the page gets them."""
+        config = self.http.get("/../config").json()
+        components = {c["id"]: c for c in config["components"]}
+        block = next(i for i, c in components.items() if c.get("props", {}).get("elem_id") == elem_id)
+
+        def children(node: dict[str, Any]) -> list[int]:
+            if node["id"] == block:
+                return [child["id"] for child in node.get("children", [])]
+            return [i for child in node.get("children", []) for i in children(child)]
+
+        dataset = next(components[i] for i in children(config["layout"]) if components[i]["type"] == "dataset")
+        return [sample[0] for sample in dataset["props"]["samples"]]
+
 
 def bits_per_dim(answer: SimpleNamespace) -> str:
     """The bits/dim a reconstruction reports (as the page shows it)."""
@@ -105,7 +121,7 @@ def served(tmp_path_factory: pytest.TempPathFactory):
     cache = shared_cache(tmp_path_factory)
     analyses = tmp_path_factory.mktemp("analyses")
     write_analyses(analyses / "mnist")  # so that the Analyses tab and its endpoint are there
-    demo, url = start_app(cache, analyses_dir=analyses)
+    demo, url = start_bundled_app(cache, analyses_dir=analyses)
     try:
         api = Api(url)
         drawing = Image.new("L", (280, 280), 255)
@@ -123,10 +139,10 @@ def sketch(composite: Any) -> dict[str, Any]:
     return {"background": None, "layers": [], "composite": composite, "id": None}
 
 
-def image_calls(payload: Any, good: dict[str, Any]) -> dict[str, list[Any]]:
+def image_calls(payload: Any, good: dict[str, Any], model: str = "mnist") -> dict[str, list[Any]]:
     """A call of every endpoint that opens images, ``payload`` in the place of one image (``good`` elsewhere)."""
-    return {"reconstruct": [payload, False], "reconstruct_drawing": [sketch(payload), True],
-            "swap": [good, payload, "B", "A"], "interpolate": [payload, good, 4]}
+    return {"reconstruct": [payload, False, model], "reconstruct_drawing": [sketch(payload), True, model],
+            "swap": [good, payload, "B", "A", model], "interpolate": [payload, good, 4, model]}
 
 
 # ---------------------------------------------------------------------- 1: only uploads and the app's examples
@@ -135,7 +151,7 @@ def test_paths_that_were_not_uploaded_all_get_the_same_refusal(served, tmp_path)
     outside = tmp_path / "digit.png"  # a real image on the server, never uploaded
     digit().save(outside)
     upload_folder = Path(served.a["path"]).parent.parent
-    sample = api.call("sample", [0.7, 2, 0, False, 0.7, 0.7])
+    sample = api.call("sample", [0.7, 2, 0, False, 0.7, 0.7, "mnist"])
     output = sample.outputs[0]["path"]  # a file the app wrote in Gradio's folder, never uploaded
     assert Path(output).is_file() and Path(output).is_relative_to(upload_folder)
     paths = {
@@ -149,6 +165,8 @@ def test_paths_that_were_not_uploaded_all_get_the_same_refusal(served, tmp_path)
         "out of the upload folder with ..": f"{upload_folder}/../../etc/passwd",
         "relative": "../../../../etc/passwd",
         "an output of the app": output,
+        "an example's own file, not the copy the page shows": str(next(
+            (served.cache / "app-examples").glob("*/example-0.png"))),
         "a device": "/dev/zero",
         "a URL Gradio would fetch": "http://127.0.0.1:1/x.png",
     }
@@ -159,9 +177,47 @@ def test_paths_that_were_not_uploaded_all_get_the_same_refusal(served, tmp_path)
                 answer = api.call(endpoint, data)
                 assert not answer.ok and answer.message == app.NOT_AN_UPLOAD, (what, endpoint, payload, answer)
 
-    # The same image, uploaded, is opened; so are the app's examples, as the page shows them.
-    assert api.call("reconstruct", [api.upload("digit.png", outside.read_bytes()), False]).ok
-    assert api.call("swap", [api.page_value("swap-a"), api.page_value("swap-b"), "B", "A"]).ok
+    # The same image, uploaded, is opened; so are the app's examples, as the page shows them, of every model.
+    assert api.call("reconstruct", [api.upload("digit.png", outside.read_bytes()), False, "mnist"]).ok
+    assert api.call("swap", [api.page_value("swap-a"), api.page_value("swap-b"), "B", "A", "color"]).ok
+    for model in ("mnist", "color"):
+        for example in api.examples(f"reconstruct-examples-{model}")[:2] + api.examples(f"swap-b-examples-{model}")[:1]:
+            assert api.call("reconstruct", [example, False, "color"]).ok
+
+
+# ---------------------------------------------------------------------- the model a request chooses
+def hostile_models(served) -> list[Any]:
+    """Values for the model input that name no model of the menu: paths (existing or not), look-alikes, types."""
+    model_folder = str(tiny_model_dir(served.cache))  # the folder the 'mnist' stand-in was loaded from
+    return [model_folder, f"{model_folder}/", "/etc/passwd", "/nonexistent", "../mnist", "mnist/../color", "./mnist",
+            "MNIST", "mnist ", "user/repo", "https://huggingface.co/user/repo", "", "\x00", "<b>mnist</b>", None, 3,
+            True, ["mnist"], {"name": "mnist"}]
+
+
+def test_a_request_chooses_its_model_only_by_a_name_on_the_menu(served):
+    api, deadline = served.api, time.monotonic() + DEADLINE
+    calls = {"sample": [0.7, 2, 0, False, 0.7, 0.7], "explore": [0.7, 0, 2], "interpolate": [served.a, served.b, 4],
+             **{endpoint: data[:-1] for endpoint, data in image_calls(served.a, served.b).items()
+                if endpoint != "interpolate"}}
+    for endpoint, data in calls.items():
+        for model in hostile_models(served):
+            assert time.monotonic() < deadline, "the requests took too long"
+            answer = api.call(endpoint, [*data, model])
+            assert not answer.ok and answer.message.startswith(MODELS_REFUSED), (endpoint, model, answer.message)
+            assert "<b>" not in answer.message  # shown as text, not as HTML
+        answer = api.call(endpoint, [*data, {"path": "/etc/passwd", "meta": META}])  # a file where the model goes
+        assert not answer.ok and answer.message == app.NOT_AN_UPLOAD
+        assert api.call(endpoint, [*data, "color"]).ok, endpoint
+
+
+def test_a_request_without_a_model_gets_the_default_one(served):
+    api = served.api
+    before_the_menu = bits_per_dim(api.call("reconstruct", [served.a, False]))
+    assert before_the_menu == bits_per_dim(api.call("reconstruct", [served.a, False, "mnist"]))
+    assert before_the_menu != bits_per_dim(api.call("reconstruct", [served.a, False, "color"]))
+    for endpoint, data in normal_requests(served).items():
+        if endpoint != "analyses":
+            assert api.call(endpoint, data[:-1]).ok, endpoint
 
 
 # ---------------------------------------------------------------------- 2: the same request, the same answer
@@ -215,9 +271,10 @@ def test_api_only_inputs_get_their_own_messages(served):
 # ---------------------------------------------------------------------- fuzz: every endpoint, malformed payloads
 def normal_requests(served) -> dict[str, list[Any]]:
     """One good request for each of the app's endpoints."""
-    return {"sample": [0.7, 4, 0, False, 0.7, 0.7], "explore": [0.7, 0, 2],
-            "reconstruct": [served.a, False], "reconstruct_drawing": [sketch(served.drawing), True],
-            "swap": [served.a, served.b, "B", "A"], "interpolate": [served.a, served.b, 4], "analyses": ["mnist"]}
+    return {"sample": [0.7, 4, 0, False, 0.7, 0.7, "color"], "explore": [0.7, 0, 2, "color"],
+            "reconstruct": [served.a, False, "color"], "reconstruct_drawing": [sketch(served.drawing), True, "color"],
+            "swap": [served.a, served.b, "B", "A", "color"], "interpolate": [served.a, served.b, 4, "color"],
+            "analyses": ["mnist"]}
 
 
 def malformed_values(served) -> list[Any]:
@@ -241,7 +298,8 @@ def test_fuzz_every_endpoint_with_malformed_payloads(served):
     values = malformed_values(served)
     bodies = [b"not json", b"\xff\xfe\x00", b'{"data": "x"}', b"{}", b"[1]", b'{"data": [1, 2']
     for endpoint, good in normal_requests(served).items():
-        payloads = [[], good[:-1], [*good, 0]]  # too few and too many inputs
+        # Too few and too many inputs (one too few is a request without the model, from before the model menu).
+        payloads = [[], good[:-2], [*good, 0]]
         # Each malformed value once, in turn in each input (the image inputs get them all in the path test above).
         payloads += [[*good[:i % len(good)], value, *good[i % len(good) + 1:]] for i, value in enumerate(values)]
         if endpoint == "reconstruct_drawing":

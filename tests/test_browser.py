@@ -1,19 +1,22 @@
 """The app in a real browser: Debian's chromium (/usr/bin/chromium) driven by Playwright, offline.
 
+The app runs as by default, on every bundled model (two stand-ins: tests/test_app.py's ``fake_bundled_models``).
 Samples, reconstructs an uploaded image, draws and reconstructs the drawing, swaps scales and explores scales,
 checking each time that the output image appears; a failed call clears the earlier result, and a file that is no
-image is refused as it arrives; screenshots go to the test's tmp_path. `make test` installs
+image is refused as it arrives; switching the model clears the results, shows its examples and samples from it;
+screenshots go to the test's tmp_path. `make test` installs
 chromium first (`make browser`); without it these tests fail rather than skip.
 """
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import pytest
 from PIL import Image, ImageDraw
 from playwright.sync_api import sync_playwright
-from test_app import shared_cache, start_app
+from test_app import COLOR_TILE, TILE, grid_size, shared_cache, start_bundled_app
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -23,7 +26,7 @@ TIMEOUT_MS = 20_000  # per step; the shared 2-core machine is sometimes slow
 @pytest.fixture(scope="module")
 def page(tmp_path_factory: pytest.TempPathFactory):
     assert CHROMIUM.is_file(), "the browser test needs Debian's chromium at /usr/bin/chromium (run `make browser`)"
-    demo, url = start_app(shared_cache(tmp_path_factory))
+    demo, url = start_bundled_app(shared_cache(tmp_path_factory))
     try:
         with sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
@@ -36,17 +39,19 @@ def page(tmp_path_factory: pytest.TempPathFactory):
         demo.close()
 
 
-def wait_for_image(page, elem_id: str) -> None:
-    """Wait until the output component ``elem_id`` shows an image served by the app."""
+def wait_for_image(page, elem_id: str) -> Image.Image:
+    """Wait until the output component ``elem_id`` shows an image served by the app; that image."""
     image = page.locator(f"#{elem_id} img")
     image.wait_for(state="visible")
-    assert "/gradio_api/file=" in (image.get_attribute("src") or "")
+    source = image.get_attribute("src") or ""
+    assert "/gradio_api/file=" in source
+    return Image.open(io.BytesIO(page.request.get(source).body()))
 
 
 def test_sample(page, tmp_path):
-    assert "NVAE explorer" in page.content() and "onnxruntime" in page.content()
+    assert "NVAE explorer" in page.content() and "PyTorch" in page.content()
     page.get_by_role("button", name="Sample", exact=True).click()
-    wait_for_image(page, "sample-output")
+    assert wait_for_image(page, "sample-output").size == grid_size(16, TILE)
     page.get_by_text("16 samples, temperature 0.7").wait_for()
     page.screenshot(path=tmp_path / "sample.png", full_page=True)
 
@@ -89,7 +94,7 @@ def test_a_failed_call_clears_the_earlier_result(page, tmp_path):
     remove = page.locator("#reconstruct-input button[aria-label='Remove Image']")
     if remove.count():
         remove.click()
-    page.locator("#reconstruct-examples .gallery-item").nth(3).click()  # an example, as the page shows it
+    page.locator("#reconstruct-examples-mnist .gallery-item").nth(3).click()  # an example, as the page shows it
     page.locator("#reconstruct-input img").wait_for()
     page.get_by_role("button", name="Reconstruct", exact=True).click()
     wait_for_image(page, "reconstruction")
@@ -132,3 +137,32 @@ def test_explore_scales(page, tmp_path):
     page.get_by_role("button", name="Explore", exact=True).click()
     wait_for_image(page, "explore-output")
     page.screenshot(path=tmp_path / "explore.png", full_page=True)
+
+
+def choose_model(page, name: str) -> None:
+    page.locator("#model-choice input").click()
+    page.get_by_role("option", name=name, exact=True).click()
+
+
+def test_switch_the_model_and_sample(page, tmp_path):
+    page.get_by_role("tab", name="Sample").click()
+    page.get_by_role("button", name="Sample", exact=True).click()
+    assert wait_for_image(page, "sample-output").mode == "L"
+    choose_model(page, "color")
+    page.locator("#model-description").get_by_text("8x8 RGB images").wait_for()
+    page.locator("#sample-output img").wait_for(state="detached")  # the other model's samples are gone
+    page.get_by_role("button", name="Sample", exact=True).click()
+    samples = wait_for_image(page, "sample-output")
+    assert samples.mode == "RGB" and samples.size == grid_size(16, COLOR_TILE)
+    page.screenshot(path=tmp_path / "color.png", full_page=True)
+    page.get_by_role("tab", name="Reconstruct").click()
+    page.get_by_role("tab", name="Upload").click()
+    page.locator("#reconstruct-examples-color .gallery-item").nth(2).click()
+    assert page.locator("#reconstruct-examples-mnist").is_hidden()
+    page.locator("#reconstruct-input img").wait_for()
+    page.get_by_role("button", name="Reconstruct", exact=True).click()
+    page.locator("#reconstruct-info").get_by_text("256 levels kept").wait_for()
+    choose_model(page, "mnist")
+    page.locator("#model-description").get_by_text("16x16 grayscale images").wait_for()
+    page.locator("#reconstruct-examples-mnist .gallery-item").first.wait_for()
+    assert page.locator("#reconstruct-examples-color").is_hidden()
