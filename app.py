@@ -527,7 +527,7 @@ class ModelMenu:
     def __getitem__(self, name: Any) -> Explorer:
         """The ``Explorer`` of model ``name``; ``InputError`` for anything that is not one of ``names``."""
         if not isinstance(name, str) or name not in self.explorers:
-            raise KeyError(name)
+            raise InputError(f"The model must be one of {', '.join(self.names)}, got {shown(name)}.")
         return self.explorers[name]
 
     def handler(self, action: str) -> Callable[..., Any]:
