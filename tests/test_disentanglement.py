@@ -79,6 +79,11 @@ def test_dci_completeness_and_informativeness() -> None:
     assert np.argmax(truth["importance"], axis=0).tolist() == [0, 1, 2, 3]
 
 
+def test_dci_fits_the_factors_in_parallel_processes_with_the_same_result() -> None:
+    codes = mixed(GROUND_TRUTH) + np.random.default_rng(3).normal(scale=0.3, size=FACTORS.shape)
+    assert score("dci", codes, n_estimators=3, jobs=2) == score("dci", codes, n_estimators=3)
+
+
 def test_factor_vae_score_divides_by_each_dimension_s_spread_and_prunes_collapsed_ones() -> None:
     """Rescaling dimensions changes nothing (variances are divided by the global ones; without that, the shrunken
     dimension 1 would have the least variance in every batch); a dimension whose spread is below the threshold

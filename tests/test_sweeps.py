@@ -80,7 +80,9 @@ def test_disentangle_scores_the_model_each_scale_and_the_pixel_baselines(tmp_pat
         assert computed == (name != "pixels"), name
     assert numbers["details"]["pixels"]["dci"]["skipped"].startswith("not computed on raw pixels")
     assert len(numbers["details"]["all groups"]["dci"]["importance"]) == 9
-    assert "| all groups | 9 |" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert "| all groups | 9 |" in report
+    assert f"- **Disentanglement of all groups**: BetaVAE {numbers['scores']['all groups']['beta_vae']:.3f}" in report
 
 
 @pytest.mark.parametrize("dataset", ["synthetic", "mnist"])
@@ -151,7 +153,9 @@ def test_beta_plots_elbo_terms_and_scores_against_beta_and_normalised_beta(sweep
     assert by_beta["4"]["mig"]["mean"] == pytest.approx(sum(pair) / 2, rel=1e-4)
     assert by_beta["4"]["mig"]["std"] == pytest.approx(abs(pair[0] - pair[1]) / 2, rel=1e-3, abs=1e-6)
     assert set(numbers["baseline_scores"]) >= {"beta_vae", "factor_vae", "mig", "dci", "sap"}
-    assert "| 4 | 9 | 2 |" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert "| 4 | 9 | 2 |" in report and "_3 training runs, seed 0, quick mode_" in report
+    assert numbers["models"] == [str(folder) for folder in sweep]
 
 
 def test_a_sweep_needs_two_models_one_data_set_and_two_betas(sweep, tmp_path, capsys):
@@ -203,13 +207,16 @@ def test_convergence_gives_epochs_to_common_loss_levels_and_their_ratio(tmp_path
     assert (final["loss"], final["epochs_single"]) == (70.0, 4.0)
     assert final["epochs_multi"] == pytest.approx(3 + 2 / 7, rel=1e-5)
     assert data["ratio_at_single_final_loss"] == pytest.approx((3 + 2 / 7) / 4, rel=1e-5)
+    assert data["epochs_to_single_final_loss"] == {"single": 4.0, "multi": pytest.approx(3 + 2 / 7, rel=1e-5)}
     half = levels["single-scale loss at 50% of its epochs"]
     assert (half["loss"], half["epochs_single"]) == (90.0, 2.0)
     assert half["epochs_multi"] == pytest.approx(1 + 10 / 15, rel=1e-5)
     assert levels["multi-scale final loss"]["epochs_single"] is None  # never reached: no ratio
     assert levels["multi-scale final loss"]["ratio_multi_over_single"] is None
     assert numbers["reference_ratio"] == 0.85
-    assert "| single-scale loss at 100% of its epochs | 70.00 | 4.00 | 3.29 | 0.82 |" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert "| single-scale loss at 100% of its epochs | 70.00 | 4 | 3.29 | 0.821 |" in report
+    assert "- **Epochs multi / single to the single-scale model's final test loss**: synthetic 0.82" in report
 
 
 def test_convergence_refuses_unfair_or_incomplete_comparisons(tmp_path, capsys):

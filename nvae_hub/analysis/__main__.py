@@ -45,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="training runs (train/run.py's --output-dir) of a sweep or comparison: beta, convergence")
     parser.add_argument("--pca-components", type=int, default=2,
                         help="disentangle: PCA components kept per latent group (default: 2)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="disentangle, beta: processes that fit DCI's classifiers side by side (default: 1)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="device to run on (default: cuda if available, else cpu)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -57,8 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.num_images is not None and args.num_images < 2:
         parser.error(f"--num-images must be at least 2, got {args.num_images}")
-    if args.pca_components < 1:
-        parser.error(f"--pca-components must be at least 1, got {args.pca_components}")
+    for name in ("pca_components", "jobs"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     try:
         expand(args.items)  # unknown items fail before anything is loaded
         model = None
@@ -73,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         inputs = Inputs(model=model, model_name=args.model, dataset=args.dataset, data_dir=args.data_dir,
                         split=args.split, run_dir=args.run, quick=args.quick, num_images=args.num_images,
                         seed=args.seed, progress=not args.no_progress, pca_components=args.pca_components,
-                        models=args.models, device=args.device)
+                        models=args.models, device=args.device, jobs=args.jobs)
         run_items(args.items, inputs, args.output_dir)
     except AnalysisError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -104,7 +104,8 @@ def run(inputs: Inputs) -> Result:
         if pool is not None:
             codes, _ = disentangle.posterior_codes(model, pool, components=inputs.pca_components, seed=inputs.seed,
                                                    progress=inputs.progress)
-            results = disentangle.score_codes(codes["all groups"], pool.factors, protocol, inputs.seed)
+            results = disentangle.score_codes(codes["all groups"], pool.factors, protocol, inputs.seed,
+                                              jobs=inputs.jobs)
             entry["scores"] = disentangle.summary(results)
         models.append(entry)
 
@@ -112,7 +113,8 @@ def run(inputs: Inputs) -> Result:
     if pool is not None:
         print("baseline: pixel PCA", file=sys.stderr)
         pixels = disentangle.pixel_codes(pool, len(sprites.FACTOR_NAMES), inputs.seed)["pixel PCA"]
-        baseline = disentangle.summary(disentangle.score_codes(pixels, pool.factors, protocol, inputs.seed))
+        baseline = disentangle.summary(disentangle.score_codes(pixels, pool.factors, protocol, inputs.seed,
+                                                               jobs=inputs.jobs))
 
     numbers: dict[str, Any] = {
         "sizes": {"models": len(models), "test_images": min(n_test, len(test_set)),

@@ -61,6 +61,7 @@ class Inputs:
     pca_components: int = 2
     models: list[Path] = field(default_factory=list)
     device: str = "cpu"
+    jobs: int = 1
     _datasets: dict[str, Dataset[Tensor]] = field(default_factory=dict, repr=False)
 
     # ------------------------------------------------------------------ checks
@@ -128,9 +129,10 @@ class Inputs:
         return min(self.size(full, quick), len(self.images(split)))
 
     def describe(self) -> dict[str, Any]:
-        """The facts every JSON file records: model, data set, split, seed, mode."""
+        """The facts every JSON file records: model, data set, split, seed, mode, run or runs."""
         return {"model": self.model_name, "dataset": self.dataset, "split": self.split, "seed": self.seed,
-                "quick": self.quick, "run": str(self.run_dir) if self.run_dir is not None else None}
+                "quick": self.quick, "run": str(self.run_dir) if self.run_dir is not None else None,
+                "models": [str(m) for m in self.models] or None}
 
 
 def _check_run_dir(run_dir: Path | None, item: str) -> None:

@@ -136,6 +136,8 @@ def run(inputs: Inputs) -> Result:
             "curves": {"single": {"epoch": single[0].tolist(), "test_neg_elbo_nats": single[1].tolist()},
                        "multi": {"epoch": multi[0].tolist(), "test_neg_elbo_nats": multi[1].tolist()}},
             "levels": levels,
+            "epochs_to_single_final_loss": {"single": levels[len(LEVEL_FRACTIONS) - 1]["epochs_single"],
+                                            "multi": levels[len(LEVEL_FRACTIONS) - 1]["epochs_multi"]},
             "ratio_at_single_final_loss": levels[len(LEVEL_FRACTIONS) - 1]["ratio_multi_over_single"],
             "geometric_mean_ratio": float(np.exp(np.mean(np.log(ratios)))) if ratios else None,
         }
@@ -178,7 +180,7 @@ def figure(numbers: dict[str, Any]) -> Figure:
 
 def section(numbers: dict[str, Any]) -> str:
     """A table per data set of the loss levels, the epochs to reach them and the ratio."""
-    def fmt(value: float | None, digits: str = ".2f") -> str:
+    def fmt(value: float | None, digits: str = ".3g") -> str:
         return "not reached" if value is None else format(value, digits)
 
     parts = []

@@ -125,23 +125,26 @@ def pixel_codes(pool: sprites.SpritesDataset, num_factors: int, seed: int) -> di
     images) and "pixels" (uint8, N x pixels)."""
     pixels = pool.renderer.render(pool.factors).reshape(len(pool), -1)
     pca = fit_pca(pixels[:PCA_FIT_IMAGES].astype(np.float32), num_factors, seed)
-    return {"pixel PCA": pca.transform(pixels.astype(np.float32)).astype(np.float32), "pixels": pixels}
+    projected = [pca.transform(pixels[i:i + PCA_FIT_IMAGES].astype(np.float32))  # in chunks: float pixels are big
+                 for i in range(0, len(pixels), PCA_FIT_IMAGES)]
+    return {"pixel PCA": np.concatenate(projected).astype(np.float32), "pixels": pixels}
 
 
 # ---------------------------------------------------------------------------------------------- scoring
 
 
 def score_codes(codes: np.ndarray, factors: np.ndarray, protocol: dict[str, dict[str, Any]], seed: int,
-                skip: dict[str, str] | None = None,
+                skip: dict[str, str] | None = None, jobs: int = 1,
                 log: Callable[[str], None] = lambda line: print(line, file=sys.stderr)) -> dict[str, Any]:
-    """Every metric's result on one representation ({metric: result dict}, or {"skipped": reason})."""
+    """Every metric's result on one representation ({metric: result dict}, or {"skipped": reason}); ``jobs``
+    processes fit DCI's classifiers."""
     out: dict[str, Any] = {}
     for name, metric in METRICS.items():
         if skip and name in skip:
             out[name] = {"skipped": skip[name]}
             continue
         start = time.perf_counter()
-        out[name] = metric(codes, factors, seed=seed, **protocol[name])
+        out[name] = metric(codes, factors, seed=seed, **protocol[name], **({"jobs": jobs} if name == "dci" else {}))
         log(f"  {TITLES[name]}: {out[name]['score']:.3f} ({codes.shape[1]} dims, {time.perf_counter() - start:.1f} s)")
     return out
 
@@ -203,7 +206,7 @@ def run(inputs: Inputs) -> Result:
     for name, features in codes.items():
         print(f"scoring {name} ({features.shape[1]} dims)", file=sys.stderr)
         results[name] = score_codes(features, pool.factors, protocol, inputs.seed,
-                                    skip=PIXEL_SKIPS if name == "pixels" else None)
+                                    skip=PIXEL_SKIPS if name == "pixels" else None, jobs=inputs.jobs)
     dims = {name: int(features.shape[1]) for name, features in codes.items()}
     numbers: dict[str, Any] = {
         "sizes": {"pool_images": len(pool), "pca_components_per_group": inputs.pca_components,

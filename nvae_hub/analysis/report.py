@@ -125,6 +125,16 @@ def key_numbers(results: dict[str, dict[str, Any]]) -> str:
                                                    for p, v in zip(control["properties"], row, strict=True))
                          for s, row in zip(control["scales"], control["transfer_matrix"], strict=True))
         lines.append(f"- **Transfer matrix T[scale, property]**: {rows}")
+    if disentangle := results.get("disentangle"):
+        scores = disentangle["scores"]["all groups"]
+        lines.append("- **Disentanglement of all groups**: " + ", ".join(
+            f"{name} {scores[key]:.3f}" for key, name in [("beta_vae", "BetaVAE"), ("factor_vae", "FactorVAE"),
+                                                          ("mig", "MIG"), ("dci", "DCI"), ("sap", "SAP")]))
+    if convergence := results.get("convergence"):
+        ratios = ", ".join(
+            f"{name} " + ("not reached" if (r := d["ratio_at_single_final_loss"]) is None else f"{r:.2f}")
+            for name, d in convergence["datasets"].items())
+        lines.append(f"- **Epochs multi / single to the single-scale model's final test loss**: {ratios}")
     return "\n".join(lines)
 
 
@@ -136,7 +146,12 @@ def write_report(output_dir: Path) -> Path:
              "name.\n", f"{key_numbers(results)}\n"]
     for name, numbers in results.items():
         item = ITEMS[name]
-        source = f"model `{numbers.get('model')}`" if numbers.get("model") else f"run `{numbers.get('run')}`"
+        if numbers.get("model"):
+            source = f"model `{numbers['model']}`"
+        elif numbers.get("models"):
+            source = f"{len(numbers['models'])} training runs"
+        else:
+            source = f"run `{numbers.get('run')}`"
         if numbers.get("dataset"):
             source += f", {numbers['dataset']} {numbers.get('split')} split"
         mode = ", quick mode" if numbers.get("quick") else ""
