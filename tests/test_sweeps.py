@@ -155,7 +155,7 @@ def test_beta_plots_elbo_terms_and_scores_against_beta_and_normalised_beta(sweep
     assert set(numbers["baseline_scores"]) >= {"beta_vae", "factor_vae", "mig", "dci", "sap"}
     report = (out / "report.md").read_text()
     assert "| 4 | 9 | 2 |" in report and "_3 training runs, seed 0, quick mode_" in report
-    assert numbers["models"] == [str(folder) for folder in sweep]
+    assert [m["run"] for m in numbers["models"]] == [str(folder) for folder in sweep]
 
 
 def test_a_sweep_needs_two_models_one_data_set_and_two_betas(sweep, tmp_path, capsys):
