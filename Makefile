@@ -42,9 +42,9 @@ bench: install
 	$(PY) bench/train_step.py --preset mnist --batch-size 16
 
 # The analyses of the bundled models that the README and the app's Analyses tab show (docs/analysis/NAME/): the full
-# suite on each model's test set (a model is analysed on the data set of its name). Add a model once it is bundled:
-#   make analysis ANALYSED_MODELS="mnist fashion-mnist"
-ANALYSED_MODELS ?= mnist
+# suite on each model's test set (a model is analysed on the data set of its name), e.g.
+#   make analysis ANALYSED_MODELS=fashion-mnist
+ANALYSED_MODELS ?= mnist fashion-mnist
 analysis: install
 	for name in $(ANALYSED_MODELS); do \
 		$(PY) -m nvae_hub.analysis all --model $$name --dataset $$name --output-dir docs/analysis/$$name || exit 1; \

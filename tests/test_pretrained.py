@@ -1,5 +1,6 @@
-"""The bundled pretrained MNIST model: it loads, samples recognisable digits of every class, fits the test set
-about as its model card says, and its ONNX export agrees with PyTorch."""
+"""The bundled pretrained models. MNIST: it loads, samples recognisable digits of every class, fits the test set
+about as its model card says, its coarsest scale carries the digit, and its ONNX export agrees with PyTorch.
+Fashion-MNIST: it loads, fits the test set as its card says, and samples varied garments."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 from torch import nn
 
 from nvae_hub import load_pretrained
-from nvae_hub.data import binarize, mnist_arrays
+from nvae_hub.data import binarize, fashion_mnist_arrays, mnist_arrays
 from nvae_hub.hub import BUNDLED_MODELS
 
 
@@ -116,3 +117,44 @@ def test_the_coarsest_scale_carries_the_digit(model, mnist, digit_classifier):
         read_as_b = [(digit_classifier(images.flatten(1)).argmax(1) == b_class).float().mean().item()
                      for images in (coarse_from_b, fine_from_b)]
     assert read_as_b[0] > 0.45 and read_as_b[1] < 0.28 and read_as_b[0] > 2.5 * read_as_b[1], read_as_b
+
+
+# ---------------------------------------------------------------------------------------------- Fashion-MNIST
+
+
+@pytest.fixture(scope="module")
+def fashion_model():
+    return load_pretrained("fashion-mnist")
+
+
+def card_metric(name: str, metric: str) -> float:
+    card = (BUNDLED_MODELS[name] / "README.md").read_text()
+    return float(re.search(metric + r"\D+?([0-9]+\.[0-9]+)", card).group(1))
+
+
+def test_the_bundled_fashion_mnist_model_is_small_and_models_8_bit_grey_levels(fashion_model):
+    folder = BUNDLED_MODELS["fashion-mnist"]
+    assert sorted(p.name for p in folder.iterdir() if p.is_file()) == ["README.md", "config.json", "model.safetensors"]
+    assert (folder / "model.safetensors").stat().st_size < 8 * 2**20
+    cfg = fashion_model.config
+    assert (cfg.image_size, cfg.channels, cfg.output, cfg.num_bits) == (28, 1, "logistic_mixture", 8)
+    assert "datasets:\n- fashion-mnist" in (folder / "README.md").read_text()
+
+
+def test_the_fashion_mnist_test_nll_agrees_with_the_model_card(fashion_model):
+    reported = card_metric("fashion-mnist", "test_nll_nats")
+    x = torch.from_numpy(fashion_mnist_arrays()["test"][0][:100])
+    per_image = fashion_model.nll(x, num_samples=10, generator=torch.Generator().manual_seed(0))
+    # The first 100 of the card's 1,000 images, K=10 instead of 100: the same within three standard errors.
+    nll, stderr = per_image.mean().item(), per_image.std().item() / len(per_image) ** 0.5
+    assert abs(nll - reported) < 3 * stderr, (nll, stderr, reported)
+
+
+def test_fashion_mnist_samples_are_varied_garments_not_noise(fashion_model):
+    samples = fashion_model.sample(64, temperature=0.7, seed=0)
+    assert samples.shape == (64, 1, 28, 28) and torch.isfinite(samples).all()
+    # Garments are bright objects on a black background: the borders stay dark, the centre does not.
+    border = torch.cat([samples[..., :2, :].flatten(1), samples[..., -2:, :].flatten(1)], dim=1).mean()
+    centre = samples[..., 10:18, 10:18].mean()
+    assert border < 0.1 and centre > 0.2, (border.item(), centre.item())
+    assert samples.flatten(1).std(dim=0).mean() > 0.1  # not one picture 64 times
