@@ -79,7 +79,8 @@ def test_an_unknown_model_is_a_usage_error(cli, tmp_path, capsys):
     with pytest.raises(SystemExit) as exited:
         cli.main(["--model", "nope", "--output", os.fspath(tmp_path / "out")])
     assert exited.value.code == 2
-    assert "--model: 'nope' is not a local folder, nor a bundled model (bundled: fashion-mnist, mnist)" in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert "--model: 'nope' is not a local folder, nor a bundled model (bundled: fashion-mnist, mnist)" in error
 
 
 def test_the_script_prints_a_usage_error_not_a_traceback(a_file):

@@ -179,7 +179,8 @@ def test_a_bare_name_that_is_not_bundled_fails_at_once_with_the_bundled_names(un
 def test_an_unreachable_hub_means_the_cache_only_and_no_retries(model, x, cache, unreachable_hub):
     assert_same_model(load_pretrained("someuser/nvae-tiny", cache_dir=cache), model, x)
     message = (r"could not get config\.json of Hub repo 'someuser/unknown'; the Hub \(http://127\.0\.0\.1:\d+\) cannot "
-               r"be reached \(ConnectError.*\), so only its cache was searched: not in the cache \(.*bundled: fashion-mnist, mnist\)")
+               r"be reached \(ConnectError.*\), so only its cache was searched: not in the cache "
+               r"\(.*bundled: fashion-mnist, mnist\)")
     with pytest.raises(PretrainedLoadError, match=message):
         load_pretrained("someuser/unknown", cache_dir=cache)
     assert unreachable_hub == []
