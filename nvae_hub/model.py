@@ -405,6 +405,9 @@ class NVAE(
                       ) -> tuple[Tensor, Tensor]:
         if self.training:
             if not self._spectral_vectors_warm:
+                if torch.compiler.is_compiling():  # 10x the power iterations would be traced into the graph
+                    raise RuntimeError("call warm_up_spectral_vectors() before compiling the training loss (the "
+                                       "training step, nvae_hub.training.TrainStep, does)")
                 self.warm_up_spectral_vectors()
             self.sr_steps += 1
         return spectral_loss(convs, self.config.power_iterations, update=self.training), batchnorm_loss(norms)

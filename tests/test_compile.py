@@ -43,6 +43,8 @@ def gradients(model: NVAE) -> list[torch.Tensor]:
 
 def test_the_training_loss_compiles_to_one_graph_and_agrees_with_eager():
     eager, compiled = micro().train(), micro().train()
+    for model in (eager, compiled):  # as the training step does before its first update (not inside the graph)
+        model.warm_up_spectral_vectors()
     x = torch.rand(4, 1, 16, 16, generator=torch.Generator().manual_seed(0)).bernoulli()
     kl_weight, reg_weight = torch.tensor(0.4), torch.tensor(1e-2)
     # fullgraph=True: any graph break (a Python branch on a tensor, .item(), ...) is an error
@@ -100,3 +102,11 @@ def test_training_with_compile_runs_the_compiled_loss(tmp_path, monkeypatch):
                         "--max-steps", "3", "--compile", "--output-dir", str(tmp_path / "run")])
     assert options == [{"mode": None, "fullgraph": True}]
     assert summary["skipped_updates"] == 0 and summary["final"]["loss"] is not None
+
+
+def test_compiling_the_loss_before_the_warm_up_is_refused():
+    model = micro().train()
+    x = torch.rand(2, 1, 16, 16, generator=torch.Generator().manual_seed(0)).bernoulli()
+    loss = torch.compile(loss_dict, backend="aot_eager", fullgraph=True)
+    with pytest.raises(Exception, match="call warm_up_spectral_vectors"):
+        loss(model, x, torch.tensor(1.0), torch.tensor(1e-2))
