@@ -212,9 +212,8 @@ def run_training(args: argparse.Namespace, accelerator: Accelerator) -> dict[str
 
     # ---- model, EMA, optimizer (the same initial weights in every process, then per-process noise)
     set_seed(args.seed)
-    model = NVAE(cfg)
-    if initial is not None:  # fine-tuning: the weights, BN statistics and spectral vectors of that model
-        model.load_state_dict(initial.state_dict())
+    # Fine-tuning starts from the loaded model itself: its weights, BN statistics and spectral vectors.
+    model = initial if initial is not None else NVAE(cfg)
     ema = EMA(model, args.ema_decay)
     ema.module.to(accelerator.device)
     set_seed(args.seed, device_specific=True)
@@ -325,17 +324,21 @@ def run_training(args: argparse.Namespace, accelerator: Accelerator) -> dict[str
         if main:
             log_file.flush()
 
-    def flush(wait: bool) -> None:
-        """Write the records whose copy is done; start copying the unlogged ones (and write them if ``wait``)."""
-        nonlocal in_flight, unlogged
+    def write_in_flight() -> None:
+        """Write the records of the copy under way, if any."""
+        nonlocal in_flight
         if in_flight is not None:
             write_records(in_flight)
             in_flight = None
+
+    def flush(wait: bool) -> None:
+        """Write the records whose copy is done; start copying the unlogged ones (and write them if ``wait``)."""
+        nonlocal in_flight, unlogged
+        write_in_flight()
         if unlogged:
             in_flight, unlogged = StatsCopy(unlogged, accelerator), []
             if wait:
-                write_records(in_flight)
-                in_flight = None
+                write_in_flight()
 
     loss_module.train()
     for step, x in enumerate(loader, start=start_step + 1):
@@ -351,9 +354,7 @@ def run_training(args: argparse.Namespace, accelerator: Accelerator) -> dict[str
                          num_updates=step)
         unlogged.append((step, schedule, row))
         progress.update(1)
-        if in_flight is not None:  # copied during this step
-            write_records(in_flight)
-            in_flight = None
+        write_in_flight()  # copied during this step
         checkpoint_now = step % args.checkpoint_every == 0 or step == max_steps
         if step % args.log_every == 0 or checkpoint_now:
             flush(wait=checkpoint_now)  # a checkpoint records the count of skipped updates so far
