@@ -6,10 +6,12 @@ them by ``--budget``. Writes into ``--out`` (default ``$OUT``): ``summary.txt`` 
     python3 bench/gpu_check.py                       # on the GPU machine, OUT set: at most 8 minutes
     python3 bench/gpu_check.py --dry-run --out /tmp/x  # anywhere: the same stages on the CPU at toy sizes
 
-Stages, in this order (a stage is skipped, and reported so, once the budget is spent):
+Stages, in this order unless ``--stages`` names some in another (a stage is skipped, and reported so, once the
+budget is spent):
  1. environment: GPU, driver, torch, CUDA;
  2. the CUDA tests (``pytest -m cuda``);
- 3. the ``mnist`` training step, eager, fp32 and bf16, batch 16 and 200;
+ 3. the ``mnist`` training step, eager, fp32 and bf16, batch 16 and 200 (then, given ``--official DIR``, the
+    official implementation's step for the same model, fp32 and fp16, in ``official_step``);
  4. sampling from the ``mnist`` preset, eager and compiled (CUDA graphs), batch 1 and 64;
  5. the short ``mnist`` run of issue 12 that skipped updates in bf16 only (batch 200, 300 steps, a quarter of them
     warming up) in bf16, on MNIST if its cache file is there (see ``main``), else on synthetic images;
@@ -35,8 +37,9 @@ sys.path.insert(0, str(REPO))  # run as a script, from any folder, with nvae_hub
 from nvae_hub.data import MNIST_CACHE_FILE  # noqa: E402
 
 
-def stages(dry_run: bool, dataset: str) -> list[tuple[str, int, list[str]]]:
-    """(name, time limit in seconds, command) of every stage, in the order they run."""
+def stages(dry_run: bool, dataset: str, official: Path | None = None) -> list[tuple[str, int, list[str]]]:
+    """(name, time limit in seconds, command) of every stage, in the default order; ``official_step`` (the
+    official implementation's training step, see bench/official_step.py) only with the path of its checkout."""
     py = sys.executable
     preset = "tiny" if dry_run else "mnist"
     device = "cpu" if dry_run else "cuda"
@@ -58,6 +61,9 @@ def stages(dry_run: bool, dataset: str) -> list[tuple[str, int, list[str]]]:
         ("train_step_eager", 90, [py, "bench/train_step.py", "--preset", preset, "--device", device,
                                   "--batch-size", *batches, "--precision", "fp32", "bf16", "--compile", "none",
                                   *steps]),
+        *([("official_step", 120, [py, "bench/official_step.py", "--official", str(official), "--device", device,
+                                    "--batch-size", *batches, "--precision", "fp32", "fp16", *steps])]
+          if official else []),
         ("sampling", 150, [py, "bench/sampling.py", "--preset", preset, "--device", device, "--compile",
                            "--no-onnx", "--batch-sizes", "1", "64", "--repeats", "5" if dry_run else "50",
                            "--warmup", "1" if dry_run else "5"]),
@@ -115,7 +121,7 @@ def summarise(results: dict[str, dict[str, object]]) -> str:
         data = result.get("json")
         if name == "environment" and data:
             lines.append(f"{head} {data.get('gpu')} | torch {data.get('torch')} CUDA {data.get('cuda')}")
-        elif name.startswith("train_step") and data:
+        elif (name.startswith("train_step") or name == "official_step") and data:
             lines.append(head)
             for r in data["results"]:
                 lines.append(f"    {data['preset']} {r['compile']:>8} {r['precision']} batch {r['batch_size']:>3}: "
@@ -148,7 +154,15 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=os.environ.get("OUT"), help="output folder (default: $OUT)")
     parser.add_argument("--budget", type=float, default=480.0, help="seconds for all stages together (default 480)")
     parser.add_argument("--dry-run", action="store_true", help="the same stages on the CPU, at toy sizes")
+    parser.add_argument("--official", type=Path, default=None,
+                        help="a checkout of NVlabs/NVAE: also time its training step on the same GPU")
+    parser.add_argument("--stages", nargs="+", default=None, metavar="NAME",
+                        help="run only these stages, in this order (default: all, in the order above)")
     args = parser.parse_args()
+    names = [name for name, _, _ in stages(args.dry_run, "mnist", args.official)]
+    unknown = sorted(set(args.stages or []) - set(names))
+    if unknown:
+        parser.error(f"unknown stage(s) {', '.join(unknown)}; stages: {', '.join(names)}")
     if args.out is None:
         parser.error("give --out or set OUT")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -162,7 +176,11 @@ def main() -> None:
     os.environ["NVAE_HUB_CACHE"] = str(cache)
     deadline = time.perf_counter() + args.budget
     results: dict[str, dict[str, object]] = {"data": {"returncode": 0, "json": {"short_runs_on": dataset}}}
-    for name, limit, command in stages(args.dry_run, dataset):
+    chosen = stages(args.dry_run, dataset, args.official)
+    if args.stages:
+        by_name = {name: (name, limit, command) for name, limit, command in chosen}
+        chosen = [by_name[name] for name in args.stages]
+    for name, limit, command in chosen:
         remaining = deadline - time.perf_counter()
         if remaining < 20:
             results[name] = {"returncode": "skipped: budget spent"}
