@@ -215,9 +215,9 @@ def _spectral_loss(convs: list[Conv2d], iterations: int, update: bool) -> Tensor
                 for _ in range(iterations):
                     v = F.normalize(torch.bmm(u.unsqueeze(1), w_detached).squeeze(1), dim=1, eps=1e-3)
                     u = F.normalize(torch.bmm(w_detached, v.unsqueeze(2)).squeeze(2), dim=1, eps=1e-3)
-                for conv, u_k, v_k in zip(group, u, v, strict=True):
-                    conv.sr_u.copy_(u_k)
-                    conv.sr_v.copy_(v_k)
+                # one multi-tensor copy per list rather than two copies per convolution (launches, on a GPU)
+                torch._foreach_copy_([conv.sr_u for conv in group], list(u.unbind(0)))
+                torch._foreach_copy_([conv.sr_v for conv in group], list(v.unbind(0)))
         sigma = torch.bmm(u.unsqueeze(1), torch.bmm(w, v.unsqueeze(2)))
         total = total + sigma.sum()
     return total
