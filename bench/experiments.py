@@ -113,22 +113,34 @@ def run_all(runs: list[tuple[Path, list[str]]], args: argparse.Namespace) -> Non
 
 
 def analyse(item: str, runs: list[Path], out: Path, args: argparse.Namespace) -> dict:
-    """Run one analysis item on finished runs; return its JSON."""
+    """Run one analysis item on finished runs; return its JSON. An ``ITEM.json`` already in ``out`` for exactly
+    these runs and the same mode is reused (like finished runs: the full protocol takes hours on a CPU)."""
     missing = [str(r) for r in runs if not (r / "final" / "config.json").is_file()]
     if missing:
         sys.exit(f"unfinished runs (train them first): {', '.join(missing)}")
+    done = out / f"{item}.json"
+    if done.is_file():
+        numbers = json.loads(done.read_text())
+        if numbers.get("models") == [str(r) for r in runs] and numbers.get("quick") == args.smoke:
+            print(f"{item}: reusing {done} (made for these runs; delete it to analyse again)", flush=True)
+            return numbers
     command = [sys.executable, "-m", "nvae_hub.analysis", item, "--models", *map(str, runs), "--output-dir",
                str(out), "--jobs", str(args.jobs), *(["--quick"] if args.smoke else []), *args.analysis_options]
     print(shlex.join(command), flush=True)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     subprocess.run(["nice", "-n", str(args.nice), *command], cwd=REPO, env=env, check=True)
-    return json.loads((out / f"{item}.json").read_text())
+    return json.loads(done.read_text())
 
 
 def report(args: argparse.Namespace) -> None:
-    """The beta and convergence analyses of the finished runs, and the README tables."""
-    beta = analyse("beta", [out for out, _ in beta_runs(args)], args.docs / "beta", args)
-    convergence = analyse("convergence", [out for out, _ in convergence_runs(args)], args.docs / "convergence", args)
+    """The analyses of the finished runs of the experiments in ``--items``, and the README tables (an experiment
+    left out is said to be not run)."""
+    beta = convergence = None
+    if "beta" in args.items:
+        beta = analyse("beta", [out for out, _ in beta_runs(args)], args.docs / "beta", args)
+    if "convergence" in args.items:
+        convergence = analyse("convergence", [out for out, _ in convergence_runs(args)], args.docs / "convergence",
+                              args)
     text = readme_section(beta, convergence, args)
     (args.docs / "experiments.md").write_text(text)
     readme = (REPO / "README.md").read_text()
@@ -140,9 +152,16 @@ def report(args: argparse.Namespace) -> None:
     print(text)
 
 
-def readme_section(beta: dict, convergence: dict, args: argparse.Namespace) -> str:
-    """Markdown tables of the two experiments, with their figures."""
+def readme_section(beta: dict | None, convergence: dict | None, args: argparse.Namespace) -> str:
+    """Markdown tables of the two experiments, with their figures (a line saying so for one not analysed)."""
     docs = os.path.relpath(args.docs, REPO)
+    return beta_table(beta, docs) + "\n" + convergence_table(convergence, docs)
+
+
+def beta_table(beta: dict | None, docs: str) -> str:
+    """The beta sweep's table and figure."""
+    if beta is None:
+        return "**Beta sweep**: not run yet (`python bench/experiments.py beta`, then `report`).\n"
     keys = ["elbo", "recon", "kl", "beta_vae", "factor_vae", "mig", "dci", "sap"]
     names = ["ELBO", "recon", "KL", "BetaVAE", "FactorVAE", "MIG", "DCI", "SAP"]
 
@@ -157,19 +176,27 @@ def readme_section(beta: dict, convergence: dict, args: argparse.Namespace) -> s
     rows += "| pixel PCA | | | | | | " + " | ".join(
         "-" if base.get(k) is None else f"{base[k]:.3g}" for k in keys[3:]) + " |\n"
     sizes = beta["sizes"]
-    text = (f"**Beta sweep** (`sprites32-multi` on sprites32, {sizes['models']} models; ELBO terms in nats on "
+    return (f"**Beta sweep** (`sprites32-multi` on sprites32, {sizes['models']} models; ELBO terms in nats on "
             f"{sizes['test_images']} test images; scores of the posterior means, per-group PCA to "
             f"{sizes['pca_components_per_group']} components, on a pool of {sizes['pool_images']} images):\n\n"
             "| beta | normalised beta | seeds | " + " | ".join(names) + " |\n|" + "---|" * (3 + len(keys)) + "\n"
-            + rows + f"\n![beta sweep]({docs}/beta/beta.png)\n\n")
-    text += ("**Single- vs multi-scale** (test negative ELBO, nats; epochs to reach the single-scale model's final "
-             "test loss; the reference is users' reports of about 15% fewer epochs, ratio "
-             f"{convergence['reference_ratio']}):\n\n"
-             "| data set | parameters (single / multi) | final loss single | final loss multi | epochs single | "
-             "epochs multi | ratio | geometric mean ratio over levels |\n|---|---|---|---|---|---|---|---|\n")
+            + rows + f"\n![beta sweep]({docs}/beta/beta.png)\n")
+
+
+def convergence_table(convergence: dict | None, docs: str) -> str:
+    """The single- vs multi-scale comparison's table and figure."""
+    if convergence is None:
+        return ("**Single- vs multi-scale**: not run yet (`python bench/experiments.py convergence`, then "
+                "`report`).\n")
+
     def fmt(value: float | None) -> str:
         return "not reached" if value is None else f"{value:.3g}"
 
+    text = ("**Single- vs multi-scale** (test negative ELBO, nats; epochs to reach the single-scale model's final "
+            "test loss; the reference is users' reports of about 15% fewer epochs, ratio "
+            f"{convergence['reference_ratio']}):\n\n"
+            "| data set | parameters (single / multi) | final loss single | final loss multi | epochs single | "
+            "epochs multi | ratio | geometric mean ratio over levels |\n|---|---|---|---|---|---|---|---|\n")
     for name, data in convergence["datasets"].items():
         epochs = data["epochs_to_single_final_loss"]
         final = {kind: data["curves"][kind]["test_neg_elbo_nats"][-1] for kind in ("single", "multi")}
@@ -197,6 +224,8 @@ def main() -> None:
     parser.add_argument("--nice", type=int, default=10, help="niceness of every process (default: 10)")
     parser.add_argument("--smoke", action="store_true", help="toy lengths and quick analyses: checks the pipeline")
     parser.add_argument("--print", action="store_true", help="print the training commands, run nothing")
+    parser.add_argument("--items", nargs="+", default=["beta", "convergence"], choices=["beta", "convergence"],
+                        help="report: the experiments to analyse (default: both; one left out is reported not run)")
     parser.add_argument("--analysis-options", nargs=argparse.REMAINDER, default=[],
                         help="passed on to python -m nvae_hub.analysis (e.g. --num-images 737280 --device cuda)")
     args = parser.parse_args()
