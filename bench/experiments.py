@@ -72,9 +72,11 @@ def convergence_runs(args: argparse.Namespace) -> list[tuple[Path, list[str]]]:
     runs = []
     for dataset in args.datasets:
         option, value = ("--max-steps", SMOKE["steps"]) if args.smoke else CONVERGENCE_LENGTH[dataset]
+        if args.convergence_steps and not args.smoke:
+            option, value = "--max-steps", args.convergence_steps
         steps = value if option == "--max-steps" else value * STEPS_PER_EPOCH[dataset]
         evaluations = SMOKE["evaluations"] if args.smoke else EVALUATIONS
-        eval_limit = SMOKE["eval_limit"] if args.smoke else EVAL_LIMIT
+        eval_limit = SMOKE["eval_limit"] if args.smoke else args.eval_limit
         for kind in ("single", "multi"):
             for seed in args.seeds[:args.convergence_seeds]:
                 out = args.runs / "convergence" / f"{dataset}-{kind}-seed{seed}"
@@ -218,6 +220,11 @@ def main() -> None:
     parser.add_argument("--convergence-seeds", type=int, default=1, help="seeds per model in the comparison")
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=DATASETS)
     parser.add_argument("--beta-steps", type=int, default=BETA_STEPS, help="training steps per beta-sweep run")
+    parser.add_argument("--convergence-steps", type=int, default=None,
+                        help="training steps of every comparison run (default: 10 epochs of the MNISTs, 8,000 steps "
+                             "of sprites32)")
+    parser.add_argument("--eval-limit", type=int, default=EVAL_LIMIT,
+                        help=f"test images of each evaluation in the comparison (default: {EVAL_LIMIT:,})")
     parser.add_argument("--jobs", type=int, default=1,
                         help="training runs at once; for report, processes for DCI's classifiers (default: 1)")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads per run (default: 1)")
