@@ -123,7 +123,9 @@ def analyse(item: str, runs: list[Path], out: Path, args: argparse.Namespace) ->
     done = out / f"{item}.json"
     if done.is_file():
         numbers = json.loads(done.read_text())
-        if numbers.get("models") == [str(r) for r in runs] and numbers.get("quick") == args.smoke:
+        # "models": the run folders, or one entry per run with its folder under "run" (the beta item)
+        made_for = [m["run"] if isinstance(m, dict) else m for m in numbers.get("models") or []]
+        if made_for == [str(r) for r in runs] and numbers.get("quick") == args.smoke:
             print(f"{item}: reusing {done} (made for these runs; delete it to analyse again)", flush=True)
             return numbers
     command = [sys.executable, "-m", "nvae_hub.analysis", item, "--models", *map(str, runs), "--output-dir",

@@ -40,8 +40,9 @@ def test_an_analysis_made_for_the_same_runs_is_reused_and_one_for_others_is_not(
         (out / "beta.json").write_text(json.dumps({"fresh": True}))
 
     monkeypatch.setattr(experiments.subprocess, "run", analysis)
-    (out / "beta.json").write_text(json.dumps(made))
-    assert experiments.analyse("beta", runs, out, options()) == made
+    for reusable in (made, {**made, "models": [{"run": str(r), "beta": 1.0} for r in runs]}):  # as beta writes
+        (out / "beta.json").write_text(json.dumps(reusable))
+        assert experiments.analyse("beta", runs, out, options()) == reusable
     assert calls == []
 
     for stale in ({**made, "models": [str(runs[0])]}, {**made, "quick": True}):  # other runs; --quick sizes
