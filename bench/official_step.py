@@ -55,12 +55,8 @@ import contextlib
 import importlib
 import itertools
 import json
-import os
-import platform
-import resource
 import subprocess
 import sys
-import time
 import types
 import warnings
 from pathlib import Path
@@ -68,6 +64,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+# isort: split
+# A module next to this script: Python puts the script's folder (bench/) first on sys.path.
+from timing import machine, time_steps
 
 # The README's MNIST command, with train.py's defaults for the options it leaves out.
 OFFICIAL_MNIST_ARGS: dict[str, Any] = dict(
@@ -81,22 +81,6 @@ OFFICIAL_MNIST_ARGS: dict[str, Any] = dict(
     distributed=False, seed=1,
 )
 MNIST_TRAIN_IMAGES = 60000
-
-
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far, in MB (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores"
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def official_commit(official: Path) -> str | None:
@@ -229,35 +213,16 @@ def measure(modules: dict[str, types.ModuleType], device: torch.device, batch_si
         scaler.update()
         return loss.detach()
 
-    start = time.perf_counter()
-    for _ in range(warmup):
-        step()
-    synchronize(device)
-    warmup_seconds = time.perf_counter() - start
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    losses = []
-    start, cpu_start = time.perf_counter(), time.process_time()
-    for _ in range(steps):
-        losses.append(step())
-    synchronize(device)
-    seconds = (time.perf_counter() - start) / steps
-    cpu_seconds = (time.process_time() - cpu_start) / steps
+    timings, losses = time_steps(lambda n: step(), device, batch_size, steps, warmup)
     return {
         "batch_size": batch_size,
         "precision": precision,
         "compile": "none",
-        "seconds_per_step": round(seconds, 5),
-        "cpu_seconds_per_step": round(cpu_seconds, 5),
-        "images_per_second": round(batch_size / seconds, 2),
-        "warmup_seconds": round(warmup_seconds, 1),
-        "finite": bool(torch.isfinite(torch.stack(losses)).all()),
+        **timings,
         "loss": round(float(losses[-1]), 3),
         "kl_coeff": round(kl_coeff, 5),
         "optimizer": optimizer_name,
         "grad_scale": scaler.get_scale() if scaler.is_enabled() else None,
-        "peak_memory_mb": round(torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda"
-                                else peak_rss_mb(), 1),
     }
 
 
@@ -291,15 +256,9 @@ def main() -> None:
         "params": parameters,
         "official_commit": args.official_commit or official_commit(official),
         "official_args": OFFICIAL_MNIST_ARGS,
-        "device": str(device),
-        "device_name": device_name(device),
-        "threads": torch.get_num_threads(),
         "steps": args.steps,
         "results": results,
-        "peak_memory_kind": "cuda_max_allocated" if device.type == "cuda" else "process_peak_rss",
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "machine": platform.machine(),
+        **machine(device),
     }))
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()

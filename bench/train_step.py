@@ -16,33 +16,17 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
-import platform
-import resource
-import time
 
 import torch
 
 from nvae_hub import NVAE, NVAEConfig
 from nvae_hub.training import EMA, Adamax, TrainStep, loss_dict
 
+# isort: split
+# A module next to this script: Python puts the script's folder (bench/) first on sys.path.
+from timing import machine, time_steps
+
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune-no-cudagraphs")
-
-
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far, in MB (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores"
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def measure(config: NVAEConfig, device: torch.device, batch_size: int, precision: str, compile_mode: str,
@@ -69,33 +53,8 @@ def measure(config: NVAEConfig, device: torch.device, batch_size: int, precision
             torch.compiler.cudagraph_mark_step_begin()
         return step(x, kl_weight=0.5, reg_weight=config.reg_weight, lr=1e-3, num_updates=n)
 
-    start = time.perf_counter()
-    for n in range(warmup):
-        run(n)
-    synchronize(device)
-    warmup_seconds = time.perf_counter() - start
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    rows = []
-    start, cpu_start = time.perf_counter(), time.process_time()
-    for n in range(steps):
-        rows.append(run(warmup + n))
-    synchronize(device)
-    seconds = (time.perf_counter() - start) / steps
-    cpu_seconds = (time.process_time() - cpu_start) / steps
-    return {
-        "batch_size": batch_size,
-        "precision": precision,
-        "compile": compile_mode,
-        "seconds_per_step": round(seconds, 5),
-        # CPU time of this process per step: on a busy shared machine a steadier guide than the wall clock
-        "cpu_seconds_per_step": round(cpu_seconds, 5),
-        "images_per_second": round(batch_size / seconds, 2),
-        "warmup_seconds": round(warmup_seconds, 1),
-        "finite": bool(torch.isfinite(torch.stack(rows)).all()),
-        "peak_memory_mb": round(torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda"
-                                else peak_rss_mb(), 1),
-    }
+    timings, _ = time_steps(run, device, batch_size, steps, warmup)
+    return {"batch_size": batch_size, "precision": precision, "compile": compile_mode, **timings}
 
 
 def main() -> None:
@@ -128,15 +87,9 @@ def main() -> None:
         "preset": args.preset,
         "num_flows": config.num_flows,
         "params_millions": round(sum(p.numel() for p in NVAE(config).parameters()) / 1e6, 2),
-        "device": str(device),
-        "device_name": device_name(device),
-        "threads": torch.get_num_threads(),
         "steps": args.steps,
         "results": results,
-        "peak_memory_kind": "cuda_max_allocated" if device.type == "cuda" else "process_peak_rss",
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "machine": platform.machine(),
+        **machine(device),
     }))
 
 
