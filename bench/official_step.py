@@ -67,7 +67,7 @@ import torch.nn.functional as F
 
 # isort: split
 # A module next to this script: Python puts the script's folder (bench/) first on sys.path.
-from timing import machine, time_steps
+from timing import add_timing_options, chosen_device, machine, time_steps
 
 # The README's MNIST command, with train.py's defaults for the options it leaves out.
 OFFICIAL_MNIST_ARGS: dict[str, Any] = dict(
@@ -233,15 +233,10 @@ def main() -> None:
                         help="the checkout's commit, for the JSON (found by git when --official is a git work tree)")
     parser.add_argument("--batch-size", type=int, nargs="+", default=[16])
     parser.add_argument("--precision", nargs="+", default=["fp32"], choices=["fp32", "fp16", "bf16"])
-    parser.add_argument("--steps", type=int, default=5, help="timed steps (after --warmup untimed ones)")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
+    add_timing_options(parser)
     args = parser.parse_args()
 
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    device = chosen_device(args)
     official = args.official.resolve()
     modules = import_official(official, device)
     results = [measure(modules, device, batch_size, precision, args.steps, args.warmup)

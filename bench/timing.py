@@ -3,6 +3,7 @@ memory and the facts about the machine that every result records."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import resource
@@ -71,3 +72,18 @@ def machine(device: torch.device) -> dict[str, object]:
         "cuda": torch.version.cuda,
         "machine": platform.machine(),
     }
+
+
+def add_timing_options(parser: argparse.ArgumentParser) -> None:
+    """The options every training-step benchmark takes: steps, warm-up, device, threads."""
+    parser.add_argument("--steps", type=int, default=5, help="timed steps (after --warmup untimed ones)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
+
+
+def chosen_device(args: argparse.Namespace) -> torch.device:
+    """Apply ``--threads`` and return the ``--device``."""
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    return torch.device(args.device)

@@ -24,7 +24,7 @@ from nvae_hub.training import EMA, Adamax, TrainStep, loss_dict
 
 # isort: split
 # A module next to this script: Python puts the script's folder (bench/) first on sys.path.
-from timing import machine, time_steps
+from timing import add_timing_options, chosen_device, machine, time_steps
 
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune-no-cudagraphs")
 
@@ -66,15 +66,10 @@ def main() -> None:
     parser.add_argument("--num-flows", type=int, default=None, help="override the preset's num_flows")
     parser.add_argument("--compile", nargs="+", default=["none"], choices=COMPILE_MODES,
                         help="torch.compile mode(s) of the loss (forward and backward); none: eager")
-    parser.add_argument("--steps", type=int, default=5, help="timed steps (after --warmup untimed ones)")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
+    add_timing_options(parser)
     args = parser.parse_args()
 
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    device = chosen_device(args)
     config = NVAEConfig.preset(args.preset)
     if args.num_flows is not None:
         config = config.replace(num_flows=args.num_flows)
