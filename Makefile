@@ -30,7 +30,7 @@ lint: install
 	$(PY) -m ruff check .
 
 test: install browser lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 # On a machine with an NVIDIA GPU, in a Python that has a CUDA build of torch (not .venv's CPU wheel): the CUDA
 # tests, tests/test_cuda.py. bench/gpu_check.sh runs them with the CUDA benchmarks.
