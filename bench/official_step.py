@@ -179,8 +179,9 @@ def count_parameters(model: torch.nn.Module) -> int:
 
 
 def measure(modules: dict[str, types.ModuleType], device: torch.device, batch_size: int, precision: str, steps: int,
-            warmup: int) -> dict[str, object]:
-    """Time ``steps`` official training steps of a fresh model after ``warmup`` untimed ones."""
+            warmup: int) -> tuple[dict[str, object], int]:
+    """Time ``steps`` official training steps of a fresh model after ``warmup`` untimed ones; return the timings
+    and the model's parameter count."""
     utils = modules["utils"]
     args = official_args()
     torch.manual_seed(args.seed)
@@ -214,7 +215,7 @@ def measure(modules: dict[str, types.ModuleType], device: torch.device, batch_si
         return loss.detach()
 
     timings, losses = time_steps(lambda n: step(), device, batch_size, steps, warmup)
-    return {
+    result = {
         "batch_size": batch_size,
         "precision": precision,
         "compile": "none",
@@ -224,6 +225,7 @@ def measure(modules: dict[str, types.ModuleType], device: torch.device, batch_si
         "optimizer": optimizer_name,
         "grad_scale": scaler.get_scale() if scaler.is_enabled() else None,
     }
+    return result, count_parameters(model)
 
 
 def main() -> None:
@@ -239,9 +241,10 @@ def main() -> None:
     device = chosen_device(args)
     official = args.official.resolve()
     modules = import_official(official, device)
-    results = [measure(modules, device, batch_size, precision, args.steps, args.warmup)
-               for precision, batch_size in itertools.product(args.precision, args.batch_size)]
-    parameters = count_parameters(build_model(modules, official_args(), torch.device("cpu")))
+    measured = [measure(modules, device, batch_size, precision, args.steps, args.warmup)
+                for precision, batch_size in itertools.product(args.precision, args.batch_size)]
+    results = [result for result, _ in measured]
+    parameters = measured[0][1]  # the same model every time
     print(json.dumps({
         "benchmark": "train_step",
         "implementation": "official",

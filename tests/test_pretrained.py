@@ -16,6 +16,12 @@ from nvae_hub.data import binarize, fashion_mnist_arrays, mnist_arrays
 from nvae_hub.hub import BUNDLED_MODELS
 
 
+def card_metric(name: str, metric: str) -> float:
+    """The number after ``metric`` in bundled model ``name``'s model card."""
+    card = (BUNDLED_MODELS[name] / "README.md").read_text()
+    return float(re.search(metric + r"\D+?([0-9]+\.[0-9]+)", card).group(1))
+
+
 @pytest.fixture(scope="module")
 def model():
     return load_pretrained("mnist")
@@ -72,8 +78,7 @@ def test_samples_at_temperature_0_7_are_recognisable_digits_of_every_class(model
 
 
 def test_test_set_nll_agrees_with_the_model_card(model, mnist):
-    card = (BUNDLED_MODELS["mnist"] / "README.md").read_text()
-    reported = float(re.search(r"test_nll_nats\D+?([0-9]+\.[0-9]+)", card).group(1))
+    reported = card_metric("mnist", "test_nll_nats")
     x = torch.from_numpy(mnist["test"][0][:200])
     x = binarize(x, torch.Generator().manual_seed(0))
     torch.manual_seed(0)
@@ -125,11 +130,6 @@ def test_the_coarsest_scale_carries_the_digit(model, mnist, digit_classifier):
 @pytest.fixture(scope="module")
 def fashion_model():
     return load_pretrained("fashion-mnist")
-
-
-def card_metric(name: str, metric: str) -> float:
-    card = (BUNDLED_MODELS[name] / "README.md").read_text()
-    return float(re.search(metric + r"\D+?([0-9]+\.[0-9]+)", card).group(1))
 
 
 def test_the_bundled_fashion_mnist_model_is_small_and_models_8_bit_grey_levels(fashion_model):
