@@ -3,7 +3,6 @@ export/onnx.py, ValueError of export_onnx) and models whose samples are degenera
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -13,6 +12,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from test_onnx import export_cli
 
 from nvae_hub import NVAE, NVAEConfig, load_pretrained
 from nvae_hub.export import DegenerateModelError, check_export_options, export_onnx
@@ -23,11 +23,7 @@ MAX_OPSET = onnx.defs.onnx_opset_version()
 
 @pytest.fixture(scope="module")
 def cli():
-    """export/onnx.py as a module (the script's name would shadow the onnx package if imported as `onnx`)."""
-    spec = importlib.util.spec_from_file_location("export_onnx_cli", ROOT / "export" / "onnx.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return export_cli()
 
 
 @pytest.fixture

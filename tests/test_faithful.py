@@ -31,6 +31,7 @@ def binary_images(config: NVAEConfig, n: int, seed: int = 0) -> torch.Tensor:
 
 
 @functools.cache
+@torch.enable_grad()  # also when the first caller runs under no_grad
 def _trained_state() -> dict[str, torch.Tensor]:
     model = make("tiny").train()
     optimizer = torch.optim.Adamax(model.parameters(), lr=1e-2)
@@ -297,6 +298,18 @@ def test_readjust_bn_changes_sampling_only():
     torch.testing.assert_close(model.sample(4, temperature=0.6, seed=0), samples_before)
 
 
+def test_the_export_readjusts_a_copy_and_leaves_the_model_alone():
+    # tests/test_onnx.py checks the exported graphs after a re-estimation against the model.
+    from nvae_hub.export import prepare_for_export
+
+    model = trained_a_little()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    prepared = prepare_for_export(model, 0.6, 2, 8)
+    assert prepared.has_readjusted_bn and not model.has_readjusted_bn
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name]), name
+
+
 def test_inference_methods_run_in_eval_mode_and_restore_the_callers_mode():
     # Mutation checked: without the eval-mode wrapper, the running statistics change and the results differ.
     model = trained_a_little()
@@ -324,28 +337,6 @@ def test_inference_methods_run_in_eval_mode_and_restore_the_callers_mode():
     model.swap(x, x.flip(0), [0])
     assert all(torch.equal(a, b) for a, b in zip(stats, _running_stats(norms), strict=True))
     assert {name: m.training for name, m in model.named_modules()} == modes
-
-
-def test_the_onnx_export_after_a_readjustment_matches_the_model(tmp_path):
-    # Mutation checked: exporting every graph from the readjusted copy makes the encoder and reconstruction differ.
-    from nvae_hub.export import export_onnx
-    from nvae_hub.onnx import OnnxNVAE
-
-    model = trained_a_little()
-    export_onnx(model, tmp_path, readjust_bn_temperature=0.6, readjust_bn_batches=2, readjust_bn_batch_size=8)
-    assert not model.has_readjusted_bn  # the model itself is not changed
-    runtime = OnnxNVAE(tmp_path, num_threads=1)
-    x = binary_images(model.config, 3, seed=7)
-    for onnx_z, z in zip(runtime.encode(x.numpy()), model.encode(x).z, strict=True):
-        torch.testing.assert_close(torch.from_numpy(onnx_z), z, atol=1e-4, rtol=0)
-    torch.testing.assert_close(torch.from_numpy(runtime.reconstruct(x.numpy())), model.reconstruct(x), atol=1e-4,
-                               rtol=0)
-    model.readjust_bn(temperature=0.6, num_batches=2, batch_size=8)
-    noise = model.sample_noise(3, seed=1)
-    with torch.no_grad():
-        expected = model.decode_noise(noise, 0.6)
-    torch.testing.assert_close(torch.from_numpy(runtime.decode_noise([z.numpy() for z in noise], 0.6)), expected,
-                               atol=1e-4, rtol=0)
 
 
 # ---------------------------------------------------------------- the schedules as the trainer wires them

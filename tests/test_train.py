@@ -177,7 +177,7 @@ def test_updates_above_the_skip_threshold_leave_the_model_untouched(tmp_path):
 
 
 def test_a_run_killed_mid_training_resumes_with_no_step_lost_or_repeated(tmp_path):
-    args = ["train/run.py", *TINY, "--max-steps", "60", "--checkpoint-every", "10", "--sample-every", "15"]
+    args = ["train/run.py", *TINY, "--max-steps", "30", "--checkpoint-every", "5", "--sample-every", "10"]
     python(*args, "--output-dir", str(tmp_path / "whole"), timeout=300)
 
     out = tmp_path / "killed"
@@ -197,12 +197,12 @@ def test_a_run_killed_mid_training_resumes_with_no_step_lost_or_repeated(tmp_pat
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
     resumed_at = int(checkpoint.latest_checkpoint(out / "checkpoints").name.split("-")[1])
-    assert resumed_at < 60
+    assert resumed_at < 30
 
     python(*args, "--output-dir", str(out), "--resume", timeout=300)
     log = read_log(out)
-    assert [r["step"] for r in log] == list(range(1, 61))
-    assert [r["step"] for r in log if r["resumed_from"] == resumed_at] == list(range(resumed_at + 1, 61))
+    assert [r["step"] for r in log] == list(range(1, 31))
+    assert [r["step"] for r in log if r["resumed_from"] == resumed_at] == list(range(resumed_at + 1, 31))
     whole = load_file(tmp_path / "whole" / "final" / "model.safetensors")
     for name, value in load_file(out / "final" / "model.safetensors").items():
         assert torch.equal(value, whole[name]), name
