@@ -29,8 +29,10 @@ demo: install
 lint: install
 	$(PY) -m ruff check .
 
+# One pytest worker per core (pytest-xdist), each test file on one worker so that a file's shared fixtures (an ONNX
+# export, a served app) are made once; the 15 slowest tests are listed at the end.
 test: install browser lint
-	$(PY) -m pytest -q --durations=15
+	$(PY) -m pytest -q -n auto --dist loadfile --durations=15
 
 # On a machine with an NVIDIA GPU, in a Python that has a CUDA build of torch (not .venv's CPU wheel): the CUDA
 # tests, tests/test_cuda.py. bench/gpu_check.sh runs them with the CUDA benchmarks.
