@@ -35,7 +35,7 @@ test: install browser lint
 	$(PY) -m pytest -q -n auto --dist loadfile --durations=15
 
 # On a machine with an NVIDIA GPU, in a Python that has a CUDA build of torch (not .venv's CPU wheel): the CUDA
-# tests, tests/test_cuda.py. bench/gpu_check.sh runs them with the CUDA benchmarks.
+# tests, tests/test_cuda.py. bench/gpu_check.py runs them with the CUDA benchmarks.
 GPU_PYTHON ?= python3
 test-gpu:
 	$(GPU_PYTHON) -m pytest -q -m cuda
