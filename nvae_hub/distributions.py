@@ -59,8 +59,11 @@ class Normal:
         return self.mu + self.sigma * eps
 
     def rsample(self, generator: torch.Generator | None = None) -> Tensor:
-        """A reparameterised sample, its noise drawn with ``generator`` (default: torch's global one)."""
-        return self.sample_from(torch.empty_like(self.mu).normal_(generator=generator))
+        """A reparameterised sample, its noise drawn with ``generator`` (default: torch's global one). The noise is
+        drawn in the standard (NCHW) order whatever the memory layout of ``mu``, so a seed means the same sample
+        whether the activations are channels-last or not."""
+        eps = torch.randn(self.mu.shape, generator=generator, dtype=self.mu.dtype, device=self.mu.device)
+        return self.sample_from(eps)
 
     def log_prob(self, z: Tensor) -> Tensor:
         """Elementwise log-density."""

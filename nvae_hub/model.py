@@ -268,8 +268,11 @@ class NVAE(
             x = reduce_bits(x, cfg.num_bits)  # the encoder sees the data at the bit depth that is modelled
         p = cfg.padding
         x = F.pad(x, (p, p, p, p)) if p else x
-        # Activations are kept channels-last: convolutions are faster that way on CPUs (oneDNN) and GPUs.
-        s = self.preprocess(self.stem((2 * x - 1).contiguous(memory_format=torch.channels_last)))
+        # Activations are kept channels-last: convolutions are faster that way on CPUs (oneDNN) and GPUs. The
+        # stem's output is converted too: a one-channel image is NCHW and channels-last at once, and the stem
+        # answers it in NCHW.
+        s = self.stem((2 * x - 1).contiguous(memory_format=torch.channels_last))
+        s = self.preprocess(s.contiguous(memory_format=torch.channels_last))
         features, down = [], iter(self.enc_down)
         scales_enc_order = self.scale_of_group[::-1]
         for k, cells in enumerate(self.enc_groups):
@@ -298,7 +301,9 @@ class NVAE(
             else:
                 prior = Normal(*self.prior_heads[g - 1](s).chunk(2, dim=1))
             z = choose_z(g, s, prior)
-            s = self.dec_combiners[g](torch.cat([s, z.to(s.dtype)], dim=1))
+            # z as channels-last too: concatenated with an NCHW tensor, s would lose its layout for the rest of the way.
+            z = z.to(s.dtype, memory_format=torch.channels_last)
+            s = self.dec_combiners[g](torch.cat([s, z], dim=1))
             if g + 1 < self.num_groups and self.scale_of_group[g + 1] != self.scale_of_group[g]:
                 s = next(up)(s)
         params = self.head(self.postprocess(s))
@@ -325,7 +330,8 @@ class NVAE(
         posterior and prior of every group."""
         features = self._bottom_up(x)
         if repeats > 1:
-            features = [f.repeat_interleave(repeats, dim=0) for f in features]
+            features = [f.repeat_interleave(repeats, dim=0).contiguous(memory_format=torch.channels_last)
+                        for f in features]
         zs: list[Tensor] = []
         posteriors: list[GroupPosterior] = []
         priors: list[Normal] = []

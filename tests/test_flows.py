@@ -153,7 +153,8 @@ def test_num_flows_0_gives_the_outputs_of_the_model_without_flows():
     x = images(model.config)
 
     def reference(repeats: int, use_mean: bool = False):
-        features = [f.repeat_interleave(repeats, dim=0) for f in model._bottom_up(x)]
+        features = [f.repeat_interleave(repeats, dim=0).contiguous(memory_format=torch.channels_last)
+                    for f in model._bottom_up(x)]
         zs, qs, ps = [], [], []
 
         def choose_z(g, s, prior):
