@@ -134,7 +134,6 @@ def test_bernoulli_likelihood_matches_the_formula():
     torch.testing.assert_close(model._log_likelihood(logits, x), expected, atol=1e-4, rtol=1e-5)
 
 
-# ---------------------------------------------------------------- schedules
 def test_a_seed_draws_the_same_posterior_noise_whatever_the_memory_layout():
     mu, log_sigma = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
     contiguous = Normal(mu, log_sigma).rsample(torch.Generator().manual_seed(0))
@@ -142,25 +141,7 @@ def test_a_seed_draws_the_same_posterior_noise_whatever_the_memory_layout():
     torch.testing.assert_close(channels_last.rsample(torch.Generator().manual_seed(0)), contiguous)
 
 
-@pytest.mark.parametrize("channels", [1, 3])
-def test_every_convolution_of_a_training_step_sees_channels_last_activations(channels):
-    """Convolutions in NCHW run several times slower on CPUs (the weight gradient of the depthwise 5x5 ones most:
-    measured 3-4x); one NCHW tensor in a concatenation, or a one-channel input, used to turn the whole decoder
-    back to NCHW."""
-    model = make(channels=channels, output="bernoulli" if channels == 1 else "logistic_mixture").train()
-    layouts = []
-
-    def record(module, inputs, output):
-        x = inputs[0]
-        if x.shape[1] > 1 and x.shape[2] * x.shape[3] > 1:  # a one-channel or 1x1 tensor is in both layouts
-            layouts.append((tuple(x.shape), x.stride(1) == 1))  # channels innermost (also in the shifted views)
-
-    for conv in (m for m in model.modules() if isinstance(m, torch.nn.Conv2d)):
-        conv.register_forward_hook(record)
-    model.loss(images(model.config)).total.backward()
-    assert len(layouts) > 20 and all(channels_innermost for _, channels_innermost in layouts), layouts
-
-
+# ---------------------------------------------------------------- schedules
 def test_schedules():
     assert kl_warmup(0, 100, min_weight=1e-4) == 1e-4
     assert kl_warmup(50, 100) == 0.5 and kl_warmup(500, 100) == 1.0
@@ -272,6 +253,25 @@ def test_bad_images_are_rejected_with_clear_messages():
 
 
 # ---------------------------------------------------------------- training mechanics
+@pytest.mark.parametrize("channels", [1, 3])
+def test_every_convolution_of_a_training_step_sees_channels_last_activations(channels):
+    """Convolutions in NCHW run several times slower on CPUs (the weight gradient of the depthwise 5x5 ones most:
+    measured 3-4x); one NCHW tensor in a concatenation, or a one-channel input, used to turn the whole decoder
+    back to NCHW."""
+    model = make(channels=channels, output="bernoulli" if channels == 1 else "logistic_mixture").train()
+    layouts = []
+
+    def record(module, inputs, output):
+        x = inputs[0]
+        if x.shape[1] > 1 and x.shape[2] * x.shape[3] > 1:  # a one-channel or 1x1 tensor is in both layouts
+            layouts.append((tuple(x.shape), x.stride(1) == 1))  # channels innermost (also in the shifted views)
+
+    for conv in (m for m in model.modules() if isinstance(m, torch.nn.Conv2d)):
+        conv.register_forward_hook(record)
+    model.loss(images(model.config)).total.backward()
+    assert len(layouts) > 20 and all(channels_innermost for _, channels_innermost in layouts), layouts
+
+
 def test_gradients_reach_every_trainable_parameter():
     model = make("tiny").train()
     out = model.loss(images(model.config), kl_weight=0.5)
