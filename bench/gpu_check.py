@@ -9,8 +9,9 @@ them by ``--budget``. Writes into ``--out`` (default ``$OUT``): ``summary.txt`` 
 Stages, in this order unless ``--stages`` names some in another (a stage is skipped, and reported so, once the
 budget is spent), the quick measurements first:
  1. environment: GPU, driver, torch, CUDA;
- 2. the ``mnist`` training step, eager, fp32 and bf16, batch 16 and 200 (then, given ``--official DIR``, the
-    official implementation's step for the same model, fp32 and fp16, in ``official_step``);
+ 2. the ``mnist`` training step, eager, fp32 and bf16, batch 16 and 200, channels-last and NCHW activations
+    (then, given ``--official DIR``, the official implementation's step for the same model, fp32 and fp16, in
+    ``official_step``);
  3. eager sampling from the ``mnist`` preset, batch 1 and 64;
  4. the CUDA tests (``pytest -m cuda``; with pytest-timeout installed, 150 s per test);
  5. sampling again, eager and compiled (CUDA graphs), in ``sampling_compiled``;
@@ -66,9 +67,9 @@ def stages(dry_run: bool, dataset: str, official: Path | None = None) -> list[tu
                 "64", "--repeats", "5" if dry_run else "50", "--warmup", "1" if dry_run else "5"]
     return [
         ("environment", 60, [py, "-c", ENVIRONMENT]),
-        ("train_step_eager", 90, [py, "bench/train_step.py", "--preset", preset, "--device", device,
-                                  "--batch-size", *batches, "--precision", "fp32", "bf16", "--compile", "none",
-                                  *steps]),
+        ("train_step_eager", 150, [py, "bench/train_step.py", "--preset", preset, "--device", device,
+                                   "--batch-size", *batches, "--precision", "fp32", "bf16", "--compile", "none",
+                                   "--layout", "channels_last", "nchw", *steps]),
         *([("official_step", 120, [py, "bench/official_step.py", "--official", str(official), "--device", device,
                                     "--batch-size", *batches, "--precision", "fp32", "fp16", *steps])]
           if official else []),
@@ -132,7 +133,8 @@ def summarise(results: dict[str, dict[str, object]]) -> str:
         elif (name.startswith("train_step") or name == "official_step") and data:
             lines.append(head)
             for r in data["results"]:
-                lines.append(f"    {data['preset']} {r['compile']:>8} {r['precision']} batch {r['batch_size']:>3}: "
+                lines.append(f"    {data['preset']} {r['compile']:>8} {r.get('layout', ''):>13} {r['precision']} "
+                             f"batch {r['batch_size']:>3}: "
                              f"{r['images_per_second']:>9} images/s, {r['seconds_per_step'] * 1e3:8.1f} ms/step, "
                              f"peak {r['peak_memory_mb']} MB, warm-up {r['warmup_seconds']} s, finite {r['finite']}")
         elif name.startswith("short_run") and data:

@@ -6,6 +6,7 @@ at one or more batch sizes. Prints one JSON object.
     python bench/train_step.py --preset mnist-small --batch-size 64 --num-flows 1   # the cost of posterior flows
     python bench/train_step.py --preset mnist --device cuda --batch-size 16 200 --precision fp32 bf16 \\
         --compile none default
+    python bench/train_step.py --preset mnist --device cuda --batch-size 200 --layout channels_last nchw
 
 Each configuration gets a fresh model (seed 0) and random binary or 8-bit images; ``--warmup`` untimed steps
 come first (with ``--compile`` they include the compilation, reported as ``warmup_seconds``).
@@ -27,14 +28,16 @@ from nvae_hub.training import EMA, Adamax, TrainStep, loss_dict
 from timing import add_timing_options, chosen_device, machine, time_steps
 
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune-no-cudagraphs")
+LAYOUTS = {"channels_last": torch.channels_last, "nchw": torch.contiguous_format}  # NVAE.memory_format
 
 
 def measure(config: NVAEConfig, device: torch.device, batch_size: int, precision: str, compile_mode: str,
-            steps: int, warmup: int) -> dict[str, object]:
+            layout: str, steps: int, warmup: int) -> dict[str, object]:
     """Time ``steps`` training steps of a fresh model after ``warmup`` untimed ones."""
     torch.manual_seed(0)
     torch._dynamo.reset()
     model = NVAE(config).to(device).train()
+    model.memory_format = LAYOUTS[layout]
     optimizer = Adamax(model.parameters(), lr=1e-3, eps=1e-3, weight_decay=3e-4)
 
     def loss_fn(x: torch.Tensor, kl_weight: torch.Tensor, reg_weight: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -54,7 +57,7 @@ def measure(config: NVAEConfig, device: torch.device, batch_size: int, precision
         return step(x, kl_weight=0.5, reg_weight=config.reg_weight, lr=1e-3, num_updates=n)
 
     timings, _ = time_steps(run, device, batch_size, steps, warmup)
-    return {"batch_size": batch_size, "precision": precision, "compile": compile_mode, **timings}
+    return {"batch_size": batch_size, "precision": precision, "compile": compile_mode, "layout": layout, **timings}
 
 
 def main() -> None:
@@ -66,6 +69,8 @@ def main() -> None:
     parser.add_argument("--num-flows", type=int, default=None, help="override the preset's num_flows")
     parser.add_argument("--compile", nargs="+", default=["none"], choices=COMPILE_MODES,
                         help="torch.compile mode(s) of the loss (forward and backward); none: eager")
+    parser.add_argument("--layout", nargs="+", default=["channels_last"], choices=list(LAYOUTS),
+                        help="layout(s) of the activations (NVAE.memory_format; default: channels_last)")
     add_timing_options(parser)
     args = parser.parse_args()
 
@@ -75,8 +80,10 @@ def main() -> None:
         config = config.replace(num_flows=args.num_flows)
     precisions = ["bf16"] if args.bf16 else args.precision
     results = []
-    for compile_mode, precision, batch_size in itertools.product(args.compile, precisions, args.batch_size):
-        results.append(measure(config, device, batch_size, precision, compile_mode, args.steps, args.warmup))
+    for compile_mode, layout, precision, batch_size in itertools.product(args.compile, args.layout, precisions,
+                                                                          args.batch_size):
+        results.append(measure(config, device, batch_size, precision, compile_mode, layout, args.steps,
+                               args.warmup))
     print(json.dumps({
         "benchmark": "train_step",
         "preset": args.preset,

@@ -148,7 +148,14 @@ class NVAE(
 
     ``save_pretrained``, ``push_to_hub`` and ``from_pretrained`` come from ``huggingface_hub``'s mixin and write
     and read the same files as ``nvae_hub.hub`` (config.json, model.safetensors, README.md), loading strictly.
+
+    ``memory_format`` is the layout of the activations (set it on an instance to change it): channels-last by
+    default, since oneDNN's convolutions on CPUs are several times slower in NCHW (the depthwise ones' weight
+    gradient: 3-4x). On CUDA the better layout is not settled yet (see the README's H100 section);
+    ``torch.contiguous_format`` gives NCHW. The layout changes speed only, not results beyond rounding.
     """
+
+    memory_format: torch.memory_format = torch.channels_last
 
     def __init__(self, config: NVAEConfig) -> None:
         super().__init__()
@@ -268,11 +275,10 @@ class NVAE(
             x = reduce_bits(x, cfg.num_bits)  # the encoder sees the data at the bit depth that is modelled
         p = cfg.padding
         x = F.pad(x, (p, p, p, p)) if p else x
-        # Activations are kept channels-last: convolutions are faster that way on CPUs (oneDNN) and GPUs. The
-        # stem's output is converted too: a one-channel image is NCHW and channels-last at once, and the stem
-        # answers it in NCHW.
-        s = self.stem((2 * x - 1).contiguous(memory_format=torch.channels_last))
-        s = self.preprocess(s.contiguous(memory_format=torch.channels_last))
+        # Activations are kept in self.memory_format. The stem's output is converted too: a one-channel image is
+        # NCHW and channels-last at once, and the stem answers it in NCHW.
+        s = self.stem((2 * x - 1).contiguous(memory_format=self.memory_format))
+        s = self.preprocess(s.contiguous(memory_format=self.memory_format))
         features, down = [], iter(self.enc_down)
         scales_enc_order = self.scale_of_group[::-1]
         for k, cells in enumerate(self.enc_groups):
@@ -291,7 +297,7 @@ class NVAE(
     def _top_down(self, n: int, choose_z: ChooseZ) -> Tensor:
         """Run the decoder for a batch of ``n``; ``choose_z`` picks each group's z. Returns the output
         distribution's parameters, cropped to the real image."""
-        s = self.h0.unsqueeze(0).expand(n, -1, -1, -1).contiguous(memory_format=torch.channels_last)
+        s = self.h0.unsqueeze(0).expand(n, -1, -1, -1).contiguous(memory_format=self.memory_format)
         up = iter(self.dec_up)
         for g in range(self.num_groups):
             s = self.dec_groups[g](s)
@@ -301,8 +307,8 @@ class NVAE(
             else:
                 prior = Normal(*self.prior_heads[g - 1](s).chunk(2, dim=1))
             z = choose_z(g, s, prior)
-            # z as channels-last too: concatenated with an NCHW tensor, s would lose its layout for the rest of the way.
-            z = z.to(s.dtype, memory_format=torch.channels_last)
+            # z in the same layout: concatenated with an NCHW tensor, s would lose its layout for the rest of the way.
+            z = z.to(s.dtype, memory_format=self.memory_format)
             s = self.dec_combiners[g](torch.cat([s, z], dim=1))
             if g + 1 < self.num_groups and self.scale_of_group[g + 1] != self.scale_of_group[g]:
                 s = next(up)(s)
@@ -330,7 +336,7 @@ class NVAE(
         posterior and prior of every group."""
         features = self._bottom_up(x)
         if repeats > 1:
-            features = [f.repeat_interleave(repeats, dim=0).contiguous(memory_format=torch.channels_last)
+            features = [f.repeat_interleave(repeats, dim=0).contiguous(memory_format=self.memory_format)
                         for f in features]
         zs: list[Tensor] = []
         posteriors: list[GroupPosterior] = []
