@@ -29,7 +29,7 @@ from .card import CARD_NAME, LIBRARY_NAME, LICENSE, PAPER_URL, PIPELINE_TAG, TAG
 from .config import CHANNEL_MULT, NVAEConfig
 from .distributions import Bernoulli, DiscretizedLogisticMixture, Normal, reduce_bits
 from .flows import PosteriorFlow
-from .layers import Cell, Conv2d, batchnorm_loss, spectral_loss
+from .layers import Cell, Conv2d, batchnorm_loss, given_weights, normalised_weights, spectral_loss
 from .schedules import kl_balance, kl_balance_coefficients
 from .weights import CONFIG_NAME, WEIGHTS_NAME, PretrainedLoadError, load_weights, parse_config, save_weights
 
@@ -372,10 +372,13 @@ class NVAE(
         if check_inputs:
             x = self._check_images(x)
         reg_weight = self.config.reg_weight if reg_weight is None else reg_weight
-        # The layers are listed before the forward pass: torch.compile cannot walk the module tree once the
-        # convolutions have kept their forward weights (see Conv2d.forward) without breaking the graph.
-        layers = (self._convs(), self._batch_norms()) if isinstance(reg_weight, Tensor) or reg_weight > 0 else None
-        params, _, posteriors, priors = self._posterior_pass(x)
+        # Every convolution's weight is computed once, the weight normalisations of one shape together; the
+        # spectral regulariser reuses them. A compiled graph lets each convolution compute its own (inductor fuses
+        # those operations; weights handed over as module state would make torch.compile guard on them).
+        convs = self._convs()
+        weights = normalised_weights(convs)
+        with contextlib.nullcontext() if torch.compiler.is_compiling() else given_weights(convs, weights):
+            params, _, posteriors, priors = self._posterior_pass(x)
         recon = -self._log_likelihood(params, x)
         kl_per_group = torch.stack([q.kl(p).flatten(1).sum(dim=1) for q, p in zip(posteriors, priors, strict=True)],
                                    dim=1)
@@ -391,16 +394,15 @@ class NVAE(
 
         zero = objective.new_zeros(())
         spectral, bn = zero, zero
-        if layers is not None:
-            spectral, bn = self._regularizers(*layers)
+        if isinstance(reg_weight, Tensor) or reg_weight > 0:
+            spectral, bn = self._regularizers(convs, weights)
             objective = objective + reg_weight * (spectral + bn)
         return LossOutput(objective, recon, kl, kl_per_group, spectral, bn)
 
     def regularizers(self) -> tuple[Tensor, Tensor]:
-        """(spectral, batch-norm) regularisers. In training mode this advances the power iteration.
-
-        Call it right after a forward pass (``loss`` does): the spectral term reuses that pass's weights."""
-        return self._regularizers(self._convs(), self._batch_norms())
+        """(spectral, batch-norm) regularisers. In training mode this advances the power iteration."""
+        convs = self._convs()
+        return self._regularizers(convs, normalised_weights(convs))
 
     @torch.no_grad()
     def warm_up_spectral_vectors(self) -> None:
@@ -410,11 +412,11 @@ class NVAE(
         training step (``nvae_hub.training.TrainStep``) calls it when it is made, so that no step has to ask
         whether it is the first (a read of a device counter, which would stall a GPU)."""
         if int(self.sr_steps) == 0:
-            spectral_loss(self._convs(), 10 * self.config.power_iterations, update=True)
+            convs = self._convs()
+            spectral_loss(convs, normalised_weights(convs), 10 * self.config.power_iterations, update=True)
         self._spectral_vectors_warm = True
 
-    def _regularizers(self, convs: list[Conv2d], norms: list[nn.BatchNorm2d | nn.SyncBatchNorm]
-                      ) -> tuple[Tensor, Tensor]:
+    def _regularizers(self, convs: list[Conv2d], weights: list[Tensor]) -> tuple[Tensor, Tensor]:
         if self.training:
             if not self._spectral_vectors_warm:
                 if torch.compiler.is_compiling():  # 10x the power iterations would be traced into the graph
@@ -422,7 +424,8 @@ class NVAE(
                                        "training step, nvae_hub.training.TrainStep, does)")
                 self.warm_up_spectral_vectors()
             self.sr_steps += 1
-        return spectral_loss(convs, self.config.power_iterations, update=self.training), batchnorm_loss(norms)
+        return (spectral_loss(convs, weights, self.config.power_iterations, update=self.training),
+                batchnorm_loss(self._batch_norms()))
 
     def _convs(self) -> list[Conv2d]:
         return [m for m in self.modules() if isinstance(m, Conv2d)]

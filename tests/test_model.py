@@ -11,7 +11,9 @@ import torch
 from safetensors.torch import load, save
 
 from nvae_hub import NVAE, NVAEConfig
+from nvae_hub import model as nvae_model
 from nvae_hub.distributions import DiscretizedLogisticMixture, Normal
+from nvae_hub.layers import Conv2d, normalised_weights
 from nvae_hub.schedules import kl_balance, kl_balance_coefficients, kl_warmup, reg_weight
 
 
@@ -283,6 +285,65 @@ def test_every_convolution_of_a_training_step_sees_the_models_layout(channels):
     torch.testing.assert_close(losses[0], losses[1])
     for a, b in zip(model.parameters(), nchw.parameters(), strict=True):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-3, atol=1e-4)
+
+
+def test_weights_normalised_together_are_each_convolutions_own():
+    """The weight normalisation runs batched over the convolutions of one shape (fewer kernel launches); a gain or
+    a norm taken from the wrong convolution or over the wrong dimension would show here."""
+    model = make("tiny", num_flows=1)  # the flows' masked convolutions too
+    convs = model._convs()
+    with torch.no_grad():  # distinct gains: at initialisation they are all close to the norms
+        for conv in convs:
+            if conv.log_gain is not None:
+                conv.log_gain.normal_(0.0, 0.5)
+    convs[0].fold_weight_norm()  # and one without weight normalisation
+    normalised = [conv for conv in convs if conv.log_gain is not None]
+    assert len({tuple(conv.weight.shape) for conv in normalised}) < len(normalised)  # stacks of several
+    assert any(conv.mask is not None for conv in normalised)
+    for conv, weight in zip(convs, normalised_weights(convs), strict=True):
+        torch.testing.assert_close(weight, conv.effective_weight(), rtol=1e-6, atol=1e-7)
+
+
+def test_the_loss_with_weights_normalised_together_has_the_gradients_of_per_convolution_weights(monkeypatch):
+    model = make("tiny", num_flows=1).train()
+    reference = copy.deepcopy(model)
+    x = images(model.config)
+    torch.manual_seed(0)
+    model.loss(x, kl_weight=0.5).total.backward()
+    monkeypatch.setattr(nvae_model, "normalised_weights", lambda convs: [c.effective_weight() for c in convs])
+    torch.manual_seed(0)
+    reference.loss(x, kl_weight=0.5).total.backward()
+    for (name, a), b in zip(model.named_parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5, msg=name)
+    for a, b in zip(model.buffers(), reference.buffers(), strict=True):  # the power iteration saw the same weights
+        torch.testing.assert_close(a, b)
+
+
+def test_the_loss_computes_no_convolutions_weight_on_its_own(monkeypatch):
+    """The forward pass and the spectral regulariser both use the batched weights; a convolution normalising its
+    own weight again would cost about 23 more kernel launches each (a GPU step is bound by launches)."""
+    model = make("tiny", num_flows=1).train()
+
+    def fail(self):
+        raise AssertionError("a convolution computed its own weight")
+
+    monkeypatch.setattr(Conv2d, "effective_weight", fail)
+    model.loss(images(model.config)).total.backward()
+
+
+def test_convolutions_compute_their_own_weights_again_after_the_loss_even_when_it_fails(monkeypatch):
+    """A weight handed to a convolution for one pass must not outlive it: after an optimizer step it is stale."""
+    model = make("tiny").train()
+    model.loss(images(model.config)).total.backward()
+    assert all(conv.given_weight is None for conv in model._convs())
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("failed in the decoder")
+
+    monkeypatch.setattr(model, "_top_down", fail)
+    with pytest.raises(RuntimeError, match="decoder"):
+        model.loss(images(model.config))
+    assert all(conv.given_weight is None for conv in model._convs())
 
 
 def test_gradients_reach_every_trainable_parameter():
