@@ -14,7 +14,8 @@ budget is spent), the quick measurements first:
     ``official_step``);
  3. eager sampling from the ``mnist`` preset, batch 1 and 64;
  4. the CUDA tests (``pytest -m cuda``; with pytest-timeout installed, 150 s per test);
- 5. sampling again, eager and compiled (CUDA graphs), in ``sampling_compiled``;
+ 5. sampling again, eager and compiled (CUDA graphs), in ``sampling_compiled``, and the ``mnist`` training step
+    compiled with CUDA graphs (``reduce-overhead``), fp32, batch 16 and 200, in ``train_step_cudagraphs_fp32``;
  6. the short ``mnist`` run of issue 12 that skipped updates in bf16 only (batch 200, 300 steps, a quarter of them
     warming up) in bf16, on MNIST if its cache file is there (see ``main``), else on synthetic images;
  7. the ``mnist`` training step compiled, bf16, batch 16 and 200;
@@ -76,6 +77,9 @@ def stages(dry_run: bool, dataset: str, official: Path | None = None) -> list[tu
         ("sampling", 60, sampling),
         ("pytest_cuda", 420, tests),
         ("sampling_compiled", 240, [*sampling, "--compile"]),
+        ("train_step_cudagraphs_fp32", 300, [py, "bench/train_step.py", "--preset", preset, "--device", device,
+                                             "--batch-size", *batches, "--precision", "fp32", "--compile",
+                                             "reduce-overhead", *steps]),
         ("short_run_bf16", 90, [*short_run, "--bf16"]),
         ("train_step_compiled_bf16", 240, [py, "bench/train_step.py", "--preset", preset, "--device", device,
                                            "--batch-size", *batches, "--precision", "bf16", "--compile", "default",
