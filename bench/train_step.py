@@ -7,9 +7,12 @@ at one or more batch sizes. Prints one JSON object.
     python bench/train_step.py --preset mnist --device cuda --batch-size 16 200 --precision fp32 bf16 \\
         --compile none default
     python bench/train_step.py --preset mnist --device cuda --batch-size 200 --layout channels_last nchw
+    python bench/train_step.py --preset mnist --device cuda --batch-size 16 200 --compile none cuda-graph --warmup 4
 
 Each configuration gets a fresh model (seed 0) and random binary or 8-bit images; ``--warmup`` untimed steps
-come first (with ``--compile`` they include the compilation, reported as ``warmup_seconds``).
+come first (with ``--compile`` they include the compilation, reported as ``warmup_seconds``). ``--compile
+cuda-graph`` compiles nothing: the eager step is captured whole as one CUDA graph (``TrainStep(cuda_graph=True)``)
+at the last warm-up step, and the timed steps replay it.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from nvae_hub.training import EMA, Adamax, TrainStep, loss_dict
 # A module next to this script: Python puts the script's folder (bench/) first on sys.path.
 from timing import add_timing_options, chosen_device, machine, time_steps
 
-COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune-no-cudagraphs")
+COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune-no-cudagraphs", "cuda-graph")
 LAYOUTS = {"channels_last": torch.channels_last, "nchw": torch.contiguous_format}  # NVAE.memory_format
 
 
@@ -43,10 +46,12 @@ def measure(config: NVAEConfig, device: torch.device, batch_size: int, precision
     def loss_fn(x: torch.Tensor, kl_weight: torch.Tensor, reg_weight: torch.Tensor) -> dict[str, torch.Tensor]:
         return loss_dict(model, x, kl_weight, reg_weight)
 
-    if compile_mode != "none":
+    if compile_mode not in ("none", "cuda-graph"):
         loss_fn = torch.compile(loss_fn, fullgraph=True, mode=None if compile_mode == "default" else compile_mode)
+    graph = compile_mode == "cuda-graph"  # warm-up steps before the capture, which is the last warm-up step
     step = TrainStep(model, optimizer, EMA(model, 0.999), grad_clip=200.0, skip_threshold=0.0, loss_fn=loss_fn,
-                     autocast_dtype=torch.bfloat16 if precision == "bf16" else None)
+                     autocast_dtype=torch.bfloat16 if precision == "bf16" else None, cuda_graph=graph,
+                     graph_warmup=warmup - 1)
     shape = (batch_size, config.channels, config.image_size, config.image_size)
     x = torch.rand(shape, generator=torch.Generator().manual_seed(0)).to(device)
     x = x.bernoulli() if config.output == "bernoulli" else x
@@ -73,6 +78,8 @@ def main() -> None:
                         help="layout(s) of the activations (NVAE.memory_format; default: channels_last)")
     add_timing_options(parser)
     args = parser.parse_args()
+    if "cuda-graph" in args.compile and args.warmup < 2:
+        parser.error("--compile cuda-graph needs --warmup 2 or more: eager steps, then the capture")
 
     device = chosen_device(args)
     config = NVAEConfig.preset(args.preset)

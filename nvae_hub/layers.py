@@ -144,7 +144,7 @@ def normalised_weights(convs: Sequence[Conv2d], stack: bool | None = None) -> li
     one at a time, 520-630 ms in stacks; large stacks fall out of the caches).
     """
     if stack is None:
-        stack = bool(convs) and convs[0].weight.device.type != "cpu"
+        stack = len(convs) > 0 and convs[0].weight.device.type != "cpu"  # (dynamo 2.11 cannot trace bool(list))
     if not stack:
         return [conv.effective_weight() for conv in convs]
     weights: list[Tensor | None] = [None] * len(convs)

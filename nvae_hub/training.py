@@ -98,6 +98,9 @@ class Adamax(torch.optim.Optimizer):
     counts and all arithmetic stay on the device, so ``step()`` never synchronises. It also honours
     ``found_inf`` and ``grad_scale``, which ``torch.amp.GradScaler`` sets on optimizers that declare
     ``_step_supports_amp_scaling`` (float16 training).
+
+    ``optimizer.lr``, when set to a 0-d tensor, is the learning rate of every group instead of their ``lr``
+    (a CUDA graph replays the step with the numbers it was captured with: a Python float would be frozen).
     """
 
     _step_supports_amp_scaling = True
@@ -110,6 +113,7 @@ class Adamax(torch.optim.Optimizer):
             raise ValueError(f"betas must be in [0, 1), got {betas}")
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
         self.skip: Tensor | None = None
+        self.lr: Tensor | None = None
 
     def _skip_flag(self, device: torch.device) -> Tensor:
         """This step's skip decision: ``self.skip`` or GradScaler's ``found_inf``, as a 0-d bool on ``device``."""
@@ -136,6 +140,7 @@ class Adamax(torch.optim.Optimizer):
             device = params[0].device
             beta1, beta2 = group["betas"]
             keep = (~self._skip_flag(device)).float()
+            lr = group["lr"] if self.lr is None else self.lr.to(device)
             grads = [p.grad for p in params]
             if grad_scale is not None:
                 grads = torch._foreach_div(grads, grad_scale.to(device))
@@ -163,7 +168,7 @@ class Adamax(torch.optim.Optimizer):
             corrections = torch._foreach_pow(beta1, torch._foreach_clamp_min(steps, 1.0))
             torch._foreach_sub_(corrections, 1.0)  # beta1**step - 1 < 0
             torch._foreach_reciprocal_(corrections)
-            torch._foreach_mul_(corrections, keep * group["lr"])  # -lr / (1 - beta1**step), or 0
+            torch._foreach_mul_(corrections, keep * lr)  # -lr / (1 - beta1**step), or 0
             update = torch._foreach_div(exp_avgs, exp_infs)
             torch._foreach_mul_(update, corrections)
             torch._foreach_add_(params, update)
@@ -195,9 +200,13 @@ class EMA:
         self.decay = decay
 
     @torch.no_grad()
-    def update(self, model: nn.Module, num_updates: int, keep: Tensor | None = None) -> None:
-        """Move the average towards ``model`` (when ``keep``, a 0-d bool tensor, is true or not given)."""
-        decay = min(self.decay, (1 + num_updates) / (10 + num_updates))
+    def update(self, model: nn.Module, num_updates: int | Tensor, keep: Tensor | None = None) -> None:
+        """Move the average towards ``model`` (when ``keep``, a 0-d bool tensor, is true or not given).
+        ``num_updates`` may be a 0-d float tensor on the device (what a CUDA graph needs)."""
+        if isinstance(num_updates, Tensor):
+            decay = ((1 + num_updates) / (10 + num_updates)).clamp(max=self.decay)
+        else:
+            decay = min(self.decay, (1 + num_updates) / (10 + num_updates))
         averages, params = list(self.module.parameters()), [p.detach() for p in model.parameters()]
         steps = torch._foreach_sub(params, averages)
         torch._foreach_mul_(steps, (1.0 - decay) if keep is None else keep.float() * (1.0 - decay))
@@ -218,11 +227,20 @@ class TrainStep:
     model's own loss unless given (the trainer passes its DistributedDataParallel-wrapped, perhaps compiled,
     module). With an ``accelerator``, its autocast, backward, clipping (which unscales float16 gradients) and
     optimizer wrapper are used.
+
+    With ``cuda_graph=True`` (a model on a CUDA device, no ``accelerator``) the first ``graph_warmup`` calls run
+    eagerly on a side stream; the next one captures the whole update (forward, backward, clipping, optimizer,
+    EMA) as one CUDA graph, and every later call with a batch of that shape and dtype copies the batch in and
+    replays it: one launch instead of about ten thousand, which otherwise bound the step on a GPU. A batch of
+    another shape (a smaller last batch) runs eagerly. Everything that changes from step to step (the weights of
+    the loss, the learning rate, the update count for the EMA) lives in 0-d tensors on the device that each call
+    fills in, so the replayed graph reads the current values.
     """
 
     def __init__(self, model: NVAE, optimizer: Adamax | Any, ema: EMA | None, *, grad_clip: float,
                  skip_threshold: float, loss_fn: Callable[[Tensor, Tensor, Tensor], dict[str, Tensor]] | None = None,
-                 accelerator: Accelerator | None = None, autocast_dtype: torch.dtype | None = None) -> None:
+                 accelerator: Accelerator | None = None, autocast_dtype: torch.dtype | None = None,
+                 cuda_graph: bool = False, graph_warmup: int = 3) -> None:
         self.model, self.optimizer, self.ema, self.accelerator = model, optimizer, ema, accelerator
         self.grad_clip, self.skip_threshold = grad_clip, skip_threshold
         self.loss_fn = loss_fn if loss_fn is not None else (lambda x, kl, reg: loss_dict(model, x, kl, reg))
@@ -230,27 +248,65 @@ class TrainStep:
         self.raw_optimizer: Adamax = getattr(optimizer, "optimizer", optimizer)  # under Accelerate's wrapper
         if not isinstance(self.raw_optimizer, Adamax):
             raise TypeError("TrainStep needs nvae_hub.training.Adamax, which can skip an update on the device")
+        if cuda_graph and model.device.type != "cuda":
+            raise ValueError(f"cuda_graph=True needs a model on a CUDA device, not {model.device}")
+        if cuda_graph and accelerator is not None:
+            raise ValueError("cuda_graph=True runs without an accelerator (one process; bf16 via autocast_dtype)")
         model.warm_up_spectral_vectors()  # here, not at the first step: no step reads a device value
         device = model.device
         self.kl_weight = torch.zeros((), device=device)
         self.reg_weight = torch.zeros((), device=device)
+        self.lr = torch.zeros((), device=device)
+        self.num_updates = torch.zeros((), device=device)
+        self.raw_optimizer.lr = self.lr
         self.buffers = list(model.buffers())
         self.saved_buffers = [b.detach().clone() for b in self.buffers]
+        self.cuda_graph, self.graph_warmup = cuda_graph, graph_warmup
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.static_x: Tensor | None = None
+        self.static_row: Tensor | None = None
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.accelerator is not None:
             return self.accelerator.autocast()
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast(self.model.device.type, dtype=self.autocast_dtype)
+        # autocast's cache of cast weights must not outlive a graph capture
+        return torch.autocast(self.model.device.type, dtype=self.autocast_dtype, cache_enabled=not self.cuda_graph)
 
     def __call__(self, x: Tensor, *, kl_weight: float, reg_weight: float, lr: float, num_updates: int) -> Tensor:
         """Train on the batch ``x`` (on the model's device, values in [0, 1], not checked here); return the
         statistics row (``STAT_NAMES``, then the KL per group) as a float32 tensor on the device."""
         self.kl_weight.fill_(kl_weight)
         self.reg_weight.fill_(reg_weight)
+        self.lr.fill_(lr)
+        self.num_updates.fill_(num_updates)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr  # what a checkpoint of the optimizer records; the step reads self.lr
+        if not self.cuda_graph:
+            return self._update(x)
+        if self.graph is None and self.graph_warmup > 0:
+            self.graph_warmup -= 1
+            side = torch.cuda.Stream(self.model.device)  # as torch.cuda.graph asks of the steps before a capture
+            side.wait_stream(torch.cuda.current_stream(self.model.device))
+            with torch.cuda.stream(side):
+                row = self._update(x)
+            torch.cuda.current_stream(self.model.device).wait_stream(side)
+            return row
+        if self.graph is None:
+            self.static_x = x.clone()
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.static_row = self._update(self.static_x)
+        elif x.shape != self.static_x.shape or x.dtype != self.static_x.dtype:
+            return self._update(x)
+        else:
+            self.static_x.copy_(x)
+        self.graph.replay()
+        return self.static_row.clone()  # the next replay overwrites static_row
+
+    def _update(self, x: Tensor) -> Tensor:
+        """The update itself: nothing in it reads a Python number that changes from step to step."""
         torch._foreach_copy_(self.saved_buffers, self.buffers)
 
         with self._autocast():
@@ -270,7 +326,7 @@ class TrainStep:
         self.optimizer.zero_grad(set_to_none=True)
         select_(self.buffers, self.saved_buffers, skip)
         if self.ema is not None:
-            self.ema.update(self.model, num_updates, keep=~skip)
+            self.ema.update(self.model, self.num_updates, keep=~skip)
 
         parts = [out["total"], out["recon"].mean(), out["kl"].mean(), out["spectral"], out["bn"], grad_norm, skip]
         kl_per_group = out["kl_per_group"].detach().float().mean(0)

@@ -102,7 +102,7 @@ def test_export_from_a_cuda_model_matches_pytorch(tmp_path):
 # ---------------------------------------------------------------------------------------------- the training step
 
 
-def cuda_step(preset: str, bf16: bool, accelerator=None) -> TrainStep:
+def cuda_step(preset: str, bf16: bool, accelerator=None, cuda_graph: bool = False) -> TrainStep:
     model = model_on(preset, "cuda").train()
     optimizer = Adamax(model.parameters(), lr=1e-2, eps=1e-3, weight_decay=3e-4)
     loss_fn = None
@@ -110,7 +110,8 @@ def cuda_step(preset: str, bf16: bool, accelerator=None) -> TrainStep:
         loss_module, optimizer = accelerator.prepare(trainer.LossModule(model), optimizer)
         loss_fn = loss_module
     step = TrainStep(model, optimizer, EMA(model, 0.999), grad_clip=200.0, skip_threshold=2000.0,
-                     loss_fn=loss_fn, accelerator=accelerator, autocast_dtype=torch.bfloat16 if bf16 else None)
+                     loss_fn=loss_fn, accelerator=accelerator, autocast_dtype=torch.bfloat16 if bf16 else None,
+                     cuda_graph=cuda_graph)
     return step
 
 
@@ -141,6 +142,50 @@ def test_bf16_training_steps_stay_finite_and_lower_the_loss():
     assert rows[:, STAT_NAMES.index("skipped")].sum() == 0
     loss = rows[:, STAT_NAMES.index("recon")]
     assert loss[-10:].mean() < 0.7 * loss[:10].mean()
+
+
+def copy_training_state_(into: TrainStep, source: TrainStep) -> None:
+    """Make ``into``'s model, optimizer state and EMA equal ``source``'s, in place (a captured graph keeps its
+    tensors)."""
+    with torch.no_grad():
+        for a, b in zip(into.model.state_dict().values(), source.model.state_dict().values(), strict=True):
+            a.copy_(b)
+        for a, b in zip(into.ema.module.state_dict().values(), source.ema.module.state_dict().values(),
+                        strict=True):
+            a.copy_(b)
+        for p, q in zip(into.model.parameters(), source.model.parameters(), strict=True):
+            for name, value in into.raw_optimizer.state[p].items():
+                value.copy_(source.raw_optimizer.state[q][name])
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_a_training_step_captured_as_a_cuda_graph_equals_the_eager_step(monkeypatch, bf16):
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+    eager, graphed = cuda_step("mnist-small", bf16), cuda_step("mnist-small", bf16, cuda_graph=True)
+    batches = [rectangles_batch(16, 28, seed=n) for n in range(8)]
+    settings = [dict(kl_weight=0.1 * n, reg_weight=1e-2 / n, lr=1e-3 * n, num_updates=n) for n in range(1, 9)]
+    for x, s in zip(batches[:4], settings[:4], strict=True):  # three eager steps on a side stream, then the capture
+        eager(x, **s)
+        graphed(x, **s)
+    assert graphed.graph is not None
+    copy_training_state_(graphed, eager)  # the capture drew its noise at another offset of the generator
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # a replay waits for nothing
+    try:
+        for n, (x, s) in enumerate(zip(batches[4:], settings[4:], strict=True), start=4):
+            if n == 6:
+                x = x[:10]  # a smaller batch runs eagerly, outside the graph
+            torch.cuda.manual_seed(n)
+            want = eager(x, **s)
+            torch.cuda.manual_seed(n)
+            got = graphed(x, **s)
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    for a, b in zip(graphed.model.state_dict().values(), eager.model.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    for a, b in zip(graphed.ema.module.parameters(), eager.ema.module.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_the_compiled_loss_agrees_with_eager_on_cuda(monkeypatch):
@@ -184,10 +229,11 @@ def launch(*args: str, timeout: int = 600) -> None:
 
 
 @pytest.mark.parametrize("precision", ["no", "bf16"])
-def test_accelerate_launch_trains_a_few_hundred_steps_on_cuda(tmp_path, precision):
+@pytest.mark.parametrize("cuda_graph", [False, True], ids=["eager", "cuda_graph"])
+def test_accelerate_launch_trains_a_few_hundred_steps_on_cuda(tmp_path, precision, cuda_graph):
     launch("--mixed_precision", precision, "train/run.py", "--preset", "tiny", "--dataset", "synthetic",
            "--batch-size", "32", "--max-steps", "300", "--log-every", "50", "--sample-every", "300",
-           "--checkpoint-every", "300", "--output-dir", str(tmp_path))
+           "--checkpoint-every", "300", "--output-dir", str(tmp_path), *["--cuda-graph"] * cuda_graph)
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["skipped_updates"] == 0
     log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]

@@ -280,11 +280,18 @@ def test_training_stops_before_the_first_step_on_a_bad_image_or_trains_without_i
     (["--config", "missing.json"], "--config missing.json: [Errno 2] No such file"),
     (["--resume", "/nonexistent"], "--resume /nonexistent: not a checkpoint folder"),
     (["--dataset", "imagefolder"], "--dataset imagefolder needs --data-dir"),
+    (["--cuda-graph", "--compile"], "--cuda-graph does not combine with --compile"),
 ])
 def test_train_options_are_checked_before_anything_runs(options, message, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(run, "train", lambda args: pytest.fail("train started"))
     argv = [*OPTIONS, "--max-steps", "1", "--output-dir", str(tmp_path), *options]
     assert message in run_fails(argv, capsys, status=2)
+
+
+def test_cuda_graphs_on_a_machine_without_cuda_stop_before_the_first_step(tmp_path, capsys):
+    message = run_fails([*TINY, "--max-steps", "2", "--cuda-graph", "--output-dir", str(tmp_path)], capsys, status=1)
+    assert "--cuda-graph: it needs a CUDA device" in message
+    assert not (tmp_path / "log.jsonl").exists() and not (tmp_path / "checkpoints").exists()
 
 
 def test_a_config_file_that_is_not_a_config_is_a_usage_error(tmp_path, capsys):

@@ -111,6 +111,28 @@ def test_adamax_matches_torch_and_skips_exactly():
     torch.testing.assert_close(other.state_dict()["state"][0]["exp_inf"], optimizer.state[mine[0]]["exp_inf"])
 
 
+def test_a_learning_rate_tensor_replaces_every_groups_rate():
+    torch.manual_seed(0)
+    start = [torch.randn(4, 3), torch.randn(5)]
+    grads = [torch.randn_like(p) for p in start]
+    mine = [p.clone() for p in start]
+    optimizer = Adamax([{"params": [mine[0]], "lr": 5.0}, {"params": [mine[1]], "lr": 7.0}], eps=1e-3)
+    optimizer.lr = torch.tensor(0.02)  # what a captured CUDA graph reads; the groups' numbers are ignored
+    reference = [p.clone() for p in start]
+    other = Adamax(reference, lr=0.02, eps=1e-3)
+    for optim, params in ((optimizer, mine), (other, reference)):
+        for _ in range(2):
+            for p, g in zip(params, grads, strict=True):
+                p.grad = g.clone()
+            optim.step()
+    for p, q in zip(mine, reference, strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+    optimizer.lr.fill_(0.0)
+    before = [p.clone() for p in mine]
+    optimizer.step()
+    assert identical(before, mine)
+
+
 def test_adamax_honours_grad_scaler_found_inf():
     p = torch.ones(3, requires_grad=True)
     optimizer = Adamax([p], lr=0.1)
@@ -217,6 +239,34 @@ def test_the_ema_moves_only_with_kept_updates():
     for average, param, old in zip(ema.module.parameters(), model.parameters(), before, strict=False):
         torch.testing.assert_close(average, 0.5 * (param + old))
     assert ema.module.sr_steps.item() == 7
+
+
+@pytest.mark.parametrize("n", [0, 3, 50, 20000])  # the ramp (1 + n) / (10 + n), then the decay itself
+def test_the_ema_weight_from_a_tensor_update_count_equals_the_integer_one(n):
+    model, ema_int, ema_tensor = tiny_model(), EMA(tiny_model(1), 0.999), EMA(tiny_model(1), 0.999)
+    ema_int.update(model, num_updates=n)
+    ema_tensor.update(model, num_updates=torch.tensor(float(n)))
+    for a, b in zip(ema_tensor.module.parameters(), ema_int.module.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert not identical(snapshot(tiny_model(1)), snapshot(ema_int.module))
+
+
+def test_each_step_trains_at_the_learning_rate_it_is_given():
+    model = tiny_model()
+    step, _, _ = make_step(model)
+    x = batch()
+    step(x, kl_weight=0.3, reg_weight=1e-2, lr=1e-3, num_updates=1)
+    before = [p.detach().clone() for p in model.parameters()]
+    step(x, kl_weight=0.3, reg_weight=1e-2, lr=0.0, num_updates=2)  # lr 0: Adamax moves nothing
+    assert identical(before, [p.detach() for p in model.parameters()])
+    step(x, kl_weight=0.3, reg_weight=1e-2, lr=1e-3, num_updates=3)
+    assert not identical(before, [p.detach() for p in model.parameters()])
+
+
+def test_a_cuda_graph_needs_a_cuda_model_and_no_accelerator():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="needs a model on a CUDA device, not cpu"):
+        make_step(model, cuda_graph=True)
 
 
 # ---------------------------------------------------------------------------------------------- the regulariser

@@ -92,6 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
                        choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
                        help="compile the loss (forward and backward) with torch.compile, optionally in this mode "
                             "(reduce-overhead: CUDA graphs); the first steps then take minutes")
+    speed.add_argument("--cuda-graph", action="store_true",
+                       help="capture the whole training step (forward, backward, optimizer, EMA) as one CUDA graph "
+                            "after 3 eager steps and replay it: one process on a CUDA GPU, fp32 or bf16, not with "
+                            "--compile; no compilation, so it starts at once")
 
     output = parser.add_argument_group("outputs")
     output.add_argument("--output-dir", required=True, help="folder for logs, checkpoints, samples and final/")
@@ -156,6 +160,9 @@ def parse_args(argv: list[str] | None = None, parser: argparse.ArgumentParser | 
             parser.error(f"--push-to-hub: {error}")
     elif args.private:
         parser.error("--private needs --push-to-hub")
+    if args.cuda_graph and args.compile:
+        parser.error("--cuda-graph does not combine with --compile (use --compile reduce-overhead for compiled CUDA "
+                     "graphs)")
     return args
 
 

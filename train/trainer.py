@@ -198,6 +198,14 @@ def run_training(args: argparse.Namespace, accelerator: Accelerator) -> dict[str
     main = accelerator.is_main_process
     checkpoint_dir, log_path, eval_path = out_dir / "checkpoints", out_dir / "log.jsonl", out_dir / "eval.jsonl"
 
+    if args.cuda_graph:
+        problem = ("it needs a CUDA device" if accelerator.device.type != "cuda" else
+                   "it runs in one process" if accelerator.num_processes > 1 else
+                   "fp16 needs a gradient scaler, which reads values on the host; use bf16"
+                   if accelerator.mixed_precision == "fp16" else None)
+        if problem:
+            raise SetupError(f"--cuda-graph: {problem}")
+
     # ---- resume (the checkpoint's config is compared before anything is built), or refuse to overwrite a run
     initial = initial_model(args)
     cfg = initial.config if initial is not None else model_config(args)
@@ -288,8 +296,14 @@ def run_training(args: argparse.Namespace, accelerator: Accelerator) -> dict[str
     default_clip, default_skip = default_thresholds(cfg)
     grad_clip = default_clip if args.grad_clip is None else args.grad_clip
     skip_threshold = default_skip if args.skip_threshold is None else args.skip_threshold
-    train_step = TrainStep(model, optimizer, ema, grad_clip=grad_clip, skip_threshold=skip_threshold,
-                           loss_fn=loss_fn, accelerator=accelerator)
+    if args.cuda_graph:  # Accelerate's autocast keeps a cache of cast weights that a graph capture must not
+        train_step = TrainStep(model, optimizer.optimizer, ema, grad_clip=grad_clip, skip_threshold=skip_threshold,
+                               loss_fn=lambda x, kl, reg: loss_dict(model, x, kl, reg, beta=args.beta),
+                               autocast_dtype=torch.bfloat16 if accelerator.mixed_precision == "bf16" else None,
+                               cuda_graph=True)
+    else:
+        train_step = TrainStep(model, optimizer, ema, grad_clip=grad_clip, skip_threshold=skip_threshold,
+                               loss_fn=loss_fn, accelerator=accelerator)
     unlogged: list[tuple[int, dict[str, float], Tensor]] = []
     in_flight: StatsCopy | None = None
 
