@@ -170,7 +170,8 @@ def test_a_training_step_captured_as_a_cuda_graph_equals_the_eager_step(monkeypa
     assert graphed.graph is not None
     copy_training_state_(graphed, eager)  # the capture drew its noise at another offset of the generator
     torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")  # a replay waits for nothing
+    rows = []
+    torch.cuda.set_sync_debug_mode("error")  # a replay waits for nothing (the comparisons below do, so they wait)
     try:
         for n, (x, s) in enumerate(zip(batches[4:], settings[4:], strict=True), start=4):
             if n == 6:
@@ -178,10 +179,11 @@ def test_a_training_step_captured_as_a_cuda_graph_equals_the_eager_step(monkeypa
             torch.cuda.manual_seed(n)
             want = eager(x, **s)
             torch.cuda.manual_seed(n)
-            got = graphed(x, **s)
-            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+            rows.append((graphed(x, **s), want))
     finally:
         torch.cuda.set_sync_debug_mode(0)
+    for got, want in rows:
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     for a, b in zip(graphed.model.state_dict().values(), eager.model.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     for a, b in zip(graphed.ema.module.parameters(), eager.ema.module.parameters(), strict=True):
