@@ -9,9 +9,10 @@ them by ``--budget``. Writes into ``--out`` (default ``$OUT``): ``summary.txt`` 
 Stages, in this order unless ``--stages`` names some in another (a stage is skipped, and reported so, once the
 budget is spent), the quick measurements first:
  1. environment: GPU, driver, torch, CUDA;
- 2. the ``mnist`` training step, eager, fp32 and bf16, batch 16 and 200, channels-last and NCHW activations
-    (then, given ``--official DIR``, the official implementation's step for the same model, fp32 and fp16, in
-    ``official_step``);
+ 2. the ``mnist`` training step, eager, fp32 and bf16, batch 16 and 200, channels-last and NCHW activations;
+    then the same step captured whole as one CUDA graph (``--cuda-graph``), both layouts, in
+    ``train_step_cuda_graph`` (then, given ``--official DIR``, the official implementation's step for the same
+    model, fp32 and fp16, in ``official_step``);
  3. eager sampling from the ``mnist`` preset, batch 1 and 64;
  4. the CUDA tests (``pytest -m cuda``; with pytest-timeout installed, 150 s per test);
  5. sampling again, eager and compiled (CUDA graphs), in ``sampling_compiled``, and the ``mnist`` training step
@@ -71,6 +72,11 @@ def stages(dry_run: bool, dataset: str, official: Path | None = None) -> list[tu
         ("train_step_eager", 150, [py, "bench/train_step.py", "--preset", preset, "--device", device,
                                    "--batch-size", *batches, "--precision", "fp32", "bf16", "--compile", "none",
                                    "--layout", "channels_last", "nchw", *steps]),
+        *([("train_step_cuda_graph", 150, [py, "bench/train_step.py", "--preset", preset, "--device", device,
+                                           "--batch-size", *batches, "--precision", "fp32", "bf16", "--compile",
+                                           "cuda-graph", "--layout", "channels_last", "nchw", *steps[:2],
+                                           "--warmup", "4"])]
+          if not dry_run else []),  # CUDA graphs need CUDA
         *([("official_step", 120, [py, "bench/official_step.py", "--official", str(official), "--device", device,
                                     "--batch-size", *batches, "--precision", "fp32", "fp16", *steps])]
           if official else []),
