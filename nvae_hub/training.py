@@ -261,7 +261,7 @@ class TrainStep:
         self.raw_optimizer.lr = self.lr
         self.buffers = list(model.buffers())
         self.saved_buffers = [b.detach().clone() for b in self.buffers]
-        self.cuda_graph, self.graph_warmup = cuda_graph, graph_warmup
+        self.cuda_graph, self.warmup_left = cuda_graph, graph_warmup  # eager calls before the capture
         self.graph: torch.cuda.CUDAGraph | None = None
         self.static_x: Tensor | None = None
         self.static_row: Tensor | None = None
@@ -285,8 +285,8 @@ class TrainStep:
             group["lr"] = lr  # what a checkpoint of the optimizer records; the step reads self.lr
         if not self.cuda_graph:
             return self._update(x)
-        if self.graph is None and self.graph_warmup > 0:
-            self.graph_warmup -= 1
+        if self.graph is None and self.warmup_left > 0:
+            self.warmup_left -= 1
             side = torch.cuda.Stream(self.model.device)  # as torch.cuda.graph asks of the steps before a capture
             side.wait_stream(torch.cuda.current_stream(self.model.device))
             with torch.cuda.stream(side):

@@ -296,7 +296,7 @@ def run_training(args: argparse.Namespace, accelerator: Accelerator) -> dict[str
     default_clip, default_skip = default_thresholds(cfg)
     grad_clip = default_clip if args.grad_clip is None else args.grad_clip
     skip_threshold = default_skip if args.skip_threshold is None else args.skip_threshold
-    if args.cuda_graph:  # Accelerate's autocast keeps a cache of cast weights that a graph capture must not
+    if args.cuda_graph:  # not through Accelerate's wrappers: its autocast caches cast weights, which a capture must not
         train_step = TrainStep(model, optimizer.optimizer, ema, grad_clip=grad_clip, skip_threshold=skip_threshold,
                                loss_fn=lambda x, kl, reg: loss_dict(model, x, kl, reg, beta=args.beta),
                                autocast_dtype=torch.bfloat16 if accelerator.mixed_precision == "bf16" else None,
