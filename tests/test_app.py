@@ -30,7 +30,7 @@ from PIL import Image, ImageDraw
 from nvae_hub import NVAE, NVAEConfig, hub
 from nvae_hub.app_input import MAX_PIXELS, MAX_SIDE
 from nvae_hub.card import TrainingInfo
-from nvae_hub.hub import save_pretrained
+from nvae_hub.hub import load_pretrained, save_pretrained
 from nvae_hub.visual import display_zoom, image_grid, labelled_grid, to_pil
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -326,6 +326,34 @@ def test_export_is_reused_from_the_cache_and_the_model_folder(served, tmp_path, 
     assert app.Explorer(str(folder), runtime="onnx", cache_dir=tmp_path / "empty").runtime.startswith("onnxruntime")
 
 
+def test_samples_use_batchnorm_statistics_re_estimated_at_the_temperature_and_data_the_learned_ones(served):
+    model_dir = tiny_model_dir(served.cache)
+    readjusted = app.Explorer(str(model_dir), runtime="torch", cache_dir=served.cache)
+    learned = app.Explorer(str(model_dir), runtime="torch", cache_dir=served.cache, sampling_bn_temperature=None)
+    reference = load_pretrained(str(model_dir))
+    reference.fold_weight_norm()
+    reference.readjust_bn(app.SAMPLING_BN_TEMPERATURE)
+    noise = readjusted.noise(4, seed=2)
+    temperatures = [0.7] * len(readjusted.scale_of_group)
+    with torch.no_grad():
+        want = reference.decode_noise([torch.from_numpy(z) for z in noise], temperatures).numpy()
+    got = readjusted.engine.decode_noise(noise, temperatures)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    assert np.abs(got - learned.engine.decode_noise(noise, temperatures)).max() > 1e-3
+    x = np.stack([readjusted.to_model_space(digit())[0]] * 2)  # encoding and decoding latents: learned statistics
+    np.testing.assert_allclose(readjusted.engine.decode(readjusted.engine.encode(x)),
+                               learned.engine.decode(learned.engine.encode(x)), atol=1e-6)
+    assert "re-estimated at temperature 0.7" in readjusted.describe()
+    assert "learned in training" in learned.describe()
+    assert readjusted.digest != learned.digest  # separate ONNX exports in the cache
+
+
+def test_the_automatic_onnx_export_samples_with_re_estimated_statistics(served):
+    explorer = app.Explorer(str(tiny_model_dir(served.cache)), runtime="onnx", cache_dir=served.cache)
+    assert explorer.engine.meta["bn_readjust"]["temperature"] == app.SAMPLING_BN_TEMPERATURE
+    assert "re-estimated at temperature 0.7" in explorer.describe()
+
+
 def test_an_export_of_another_model_is_refused(served, tmp_path):
     model_dir = tiny_model_dir(served.cache)
     explorer = app.Explorer(str(model_dir), runtime="torch", cache_dir=served.cache)
@@ -390,6 +418,12 @@ def test_command_line(monkeypatch):
                                           "--port", "9000", "--share", "--runtime", "torch"])
     assert (args.model, args.onnx_dir, args.host, args.port, args.share, args.runtime) == (
         "folder", "out", "0.0.0.0", 9000, True, "torch")
+    assert app.build_parser().parse_args([]).sampling_bn_temperature == app.SAMPLING_BN_TEMPERATURE
+    assert app.build_parser().parse_args(["--sampling-bn-temperature", "none"]).sampling_bn_temperature is None
+    assert app.build_parser().parse_args(["--sampling-bn-temperature", "0.5"]).sampling_bn_temperature == 0.5
+    for bad in ("-1", "nan", "warm"):
+        with pytest.raises(SystemExit):
+            app.build_parser().parse_args(["--sampling-bn-temperature", bad])
 
 
 def test_scale_labels():

@@ -41,7 +41,7 @@ def test_the_mnist_cache_file_honours_the_umask(tmp_path, monkeypatch, umask):
 
 
 def test_the_apps_onnx_export_folder_honours_the_umask(tmp_path, monkeypatch, umask):
-    def export_onnx(model, folder, source):  # the real export is tested elsewhere; here only its folder matters
+    def export_onnx(model, folder, source, readjust_bn_temperature):  # the real export is tested elsewhere
         (Path(folder) / META_FILE).write_text("{}")
 
     monkeypatch.setattr("nvae_hub.export.export_onnx", export_onnx)
