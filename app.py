@@ -242,8 +242,6 @@ class Explorer:
         self.digest = weights_digest(model, sampling_bn_temperature)
         self.num_parameters = sum(p.numel() for p in model.parameters())  # as trained, before folding
         model.fold_weight_norm()  # the app never trains: plain weights are faster
-        if sampling_bn_temperature is not None:  # for sampling only: encode and decode keep the learned statistics
-            model.readjust_bn(sampling_bn_temperature)
         self.model = model
         self.config = cfg = model.config
         self.scale_of_group = list(model.scale_of_group)
@@ -269,6 +267,9 @@ class Explorer:
                     raise
                 self.runtime_note = f"onnxruntime is not used: {type(error).__name__}: {error}"
                 logger.warning("falling back to PyTorch; %s", self.runtime_note)
+        if isinstance(self.engine, TorchEngine) and sampling_bn_temperature is not None:
+            # Only PyTorch samples need it (an ONNX export holds its own); encode and decode keep the learned ones.
+            model.readjust_bn(sampling_bn_temperature)
         self.examples, self.examples_source = self._write_examples()
         self.files = files if files is not None else AppFiles()
 

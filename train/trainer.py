@@ -298,7 +298,7 @@ def run_training(args: argparse.Namespace, accelerator: Accelerator) -> dict[str
     skip_threshold = default_skip if args.skip_threshold is None else args.skip_threshold
     if args.cuda_graph:  # not through Accelerate's wrappers: its autocast caches cast weights, which a capture must not
         train_step = TrainStep(model, optimizer.optimizer, ema, grad_clip=grad_clip, skip_threshold=skip_threshold,
-                               loss_fn=lambda x, kl, reg: loss_dict(model, x, kl, reg, beta=args.beta),
+                               loss_fn=LossModule(model, args.beta),
                                autocast_dtype=torch.bfloat16 if accelerator.mixed_precision == "bf16" else None,
                                cuda_graph=True)
     else:
