@@ -246,6 +246,12 @@ def summarise(results: dict[str, dict[str, object]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def save_results(out: Path, results: dict[str, dict[str, object]]) -> None:
+    """Write ``results.json`` (every stage's result) and ``summary.txt`` into ``out``."""
+    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    (out / "summary.txt").write_text(summarise(results))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=os.environ.get("OUT"), help="output folder (default: $OUT)")
@@ -278,20 +284,18 @@ def main() -> None:
     chosen = [planned[name] for name in args.stages or planned]
     if args.together:  # all at once: each stage may take the whole budget
         results.update(run_together([(name, args.budget, command) for name, _, command in chosen], logs))
-        (args.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
-        (args.out / "summary.txt").write_text(summarise(results))
+        save_results(args.out, results)
         print(summarise(results), end="", flush=True)
-        chosen = []
-    for name, limit, command in chosen:
-        remaining = deadline - time.perf_counter()
-        if remaining < 20:
-            results[name] = {"returncode": "skipped: budget spent"}
-            continue
-        limit *= 20 if args.dry_run else 1  # a busy CPU is slower at toy sizes than a GPU at full size
-        results[name] = run_stage(name, min(limit, remaining), command, logs)
-        (args.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")  # partial results survive
-        (args.out / "summary.txt").write_text(summarise(results))
-        print(summarise({name: results[name]}), end="", flush=True)
+    else:
+        for name, limit, command in chosen:
+            remaining = deadline - time.perf_counter()
+            if remaining < 20:
+                results[name] = {"returncode": "skipped: budget spent"}
+                continue
+            limit *= 20 if args.dry_run else 1  # a busy CPU is slower at toy sizes than a GPU at full size
+            results[name] = run_stage(name, min(limit, remaining), command, logs)
+            save_results(args.out, results)  # after every stage: partial results survive
+            print(summarise({name: results[name]}), end="", flush=True)
 
     (args.out / "pytest.txt").write_text((logs / "pytest_cuda.out").read_text()[-20000:]
                                          if (logs / "pytest_cuda.out").exists() else "not run\n")
