@@ -70,7 +70,8 @@ RUNTIMES = ("auto", "onnx", "torch")
 # Small images (a 28x28 digit) fill their box with sharp pixels instead of sitting tiny in its middle.
 ANALYSES_DIR = Path(__file__).resolve().parent / "docs" / "analysis"  # `make analysis` writes docs/analysis/NAME/
 ANALYSIS_FIGURES = {"kl": "KL per group and active units", "latent-map": "t-SNE of the latents and k-NN accuracy",
-                    "control": "Variable control: transfer matrix T[scale, property]"}
+                    "control": "Variable control: transfer matrix T[scale, property]",
+                    "sample-quality": "Samples at temperature 0.7 read by a classifier"}
 CSS = ".pixelated img { image-rendering: pixelated; height: 160px !important; max-width: 100%; object-fit: contain; }"
 
 

@@ -30,6 +30,7 @@ ITEM_KEYS = {
     "recon": {"mse_per_pixel", "mse_per_pixel_stderr", "neg_elbo_nats", "neg_elbo_nats_stderr", "nll_nats",
               "nll_nats_stderr", "nll_bits_per_dim", "nll_bits_per_dim_stderr", "neg_elbo_bits_per_dim"},
     "samples": {"temperatures", "model_bn", "readjusted_bn"},
+    "sample-quality": {"temperature", "classifier_test_accuracy", "real_test_images", "model_bn", "readjusted_bn"},
     "latent-map": {"knn_accuracy", "protocol", "tsne"},
     "kl": {"kl_per_group", "kl_per_channel", "active_channels_kl", "active_units_variance", "scale_of_group"},
     "control": {"transfer_matrix", "properties", "scales", "carrier", "classifier_test_accuracy"},

@@ -26,6 +26,9 @@ RESULTS = {
            "active_units_variance": [3, 9], "units_per_group": [64, 256]},
     "latent-map": {"knn_accuracy": {"all groups": 0.91, "pixels": 0.8}, "protocol": {"k": 5}},
     "control": {"properties": ["class", "slant"], "scales": [0, 1], "transfer_matrix": [[0.75, 0.5], [0.25, None]]},
+    "sample-quality": {"sizes": {"samples": 400}, "temperature": 0.7, "model_bn": {"mean_top_probability": 0.9},
+                       "readjusted_bn": {"mean_top_probability": 0.925},
+                       "real_test_images": {"mean_top_probability": 0.96}},
 }
 
 
@@ -44,6 +47,8 @@ def test_the_gallery_shows_each_bundled_models_numbers_and_figures(tmp_path):
     text, *figures = gallery.show("mnist")
     for expected in ("MSE per pixel 0.0123", "NLL 85.50 ± 0.20", "4.0, 2.5", "1/4, 2/4", "3/64, 9/256",
                      "all groups 0.910", "scale 0: class 0.75, slant 0.50; scale 1: class 0.25, slant n/a",
+                     "(400 at T = 0.7): mean top-class probability 0.900 as drawn, 0.925 with BatchNorm re-estimated; "
+                     "real test images 0.960",
                      "docs/analysis/mnist/report.md"):
         assert expected in text, expected
     assert len(figures) == len(app.ANALYSIS_FIGURES)

@@ -3,6 +3,7 @@ active units, and the shared test-set metrics of nvae_hub.evaluation."""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from nvae_hub import NVAE, NVAEConfig
-from nvae_hub.analysis import control, curves, kl, latent_map, morphology
+from nvae_hub.analysis import control, curves, kl, latent_map, morphology, sample_quality
 from nvae_hub.data import build_dataset
 from nvae_hub.evaluation import evaluate_nll, reconstruction_metrics
 from nvae_hub.model import Latents
@@ -148,6 +149,41 @@ def test_active_channels_count_the_mean_kl_above_a_tenth_of_a_nat():
     kl_per_channel = torch.tensor([[0.0, 0.05, 0.29, 2.0], [0.1, 0.1, 0.0, 2.0], [0.0, 0.2, 0.0, 2.0]])
     # means over images: 0.033, 0.117, 0.097, 2.0
     assert kl.active_channels_by_kl(kl_per_channel) == 2
+
+
+# ---------------------------------------------------------------------------------------------- sample quality
+
+
+def test_readout_of_hand_set_class_probabilities():
+    probabilities = np.array([[0.95, 0.05, 0.0], [0.2, 0.5, 0.3], [0.1, 0.1, 0.8], [0.0, 0.02, 0.98]])
+    r = sample_quality.readout(probabilities)
+    top = np.array([0.95, 0.5, 0.8, 0.98])
+    assert r["mean_top_probability"] == pytest.approx(0.8075)
+    assert r["mean_top_probability_stderr"] == pytest.approx(math.sqrt(np.sum((top - 0.8075) ** 2) / 3) / 2)
+    assert r["fraction_above_0.9"] == 0.5
+    assert r["class_counts"] == [1, 1, 2] and r["classes_present"] == 3
+    assert sample_quality.readout(np.array([[0.1, 0.9, 0.0]]))["fraction_above_0.9"] == 0.0  # strictly above
+
+
+def test_class_probabilities_are_the_softmax_of_the_logits_in_every_chunk():
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.0, 0.0, 0.0], [-3.0, 1.0, 4.0], [1.0, 2.0, 3.0], [5.0, 0.0, 0.0]])
+    expected = logits.exp() / logits.exp().sum(dim=1, keepdim=True)
+    got = sample_quality.class_probabilities(torch.nn.Identity(), logits, batch_size=2)
+    np.testing.assert_allclose(got, expected.numpy(), rtol=1e-6)
+
+
+def test_drawn_samples_are_the_models_samples_decoded_in_chunks_and_leave_the_model_alone():
+    torch.manual_seed(0)
+    model = NVAE(NVAEConfig.preset("tiny")).eval()
+    n = sample_quality.CHUNK + 44  # two chunks, the second one partial
+    as_drawn = sample_quality.draw(model, n, 0.7, seed=3, readjust=False)
+    torch.testing.assert_close(as_drawn, model.sample(n, temperature=0.7, seed=3), rtol=0, atol=0)
+    readjusted = sample_quality.draw(model, n, 0.7, seed=3, readjust=True)
+    reference = copy.deepcopy(model)
+    reference.readjust_bn(0.7, seed=4)
+    torch.testing.assert_close(readjusted, reference.sample(n, temperature=0.7, seed=3), rtol=0, atol=0)
+    assert not torch.equal(readjusted, as_drawn)
+    assert not model.has_readjusted_bn
 
 
 # ---------------------------------------------------------------------------------------------- curves

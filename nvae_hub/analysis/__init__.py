@@ -43,6 +43,7 @@ ITEMS: dict[str, Item] = {item.name: item for item in [
     Item("curves", "reconstruction loss, KL and total loss against step, and the KL of each group (--run DIR)"),
     Item("recon", "test images above their reconstructions; test MSE, negative ELBO and importance-weighted NLL"),
     Item("samples", "random samples at temperatures 1.0-0.4, with and without BatchNorm re-estimation"),
+    Item("sample-quality", "how confidently, and as which classes, a classifier reads samples at temperature 0.7"),
     Item("latent-map", "t-SNE of the posterior means by class, and k-NN class accuracy per scale vs. pixels"),
     Item("kl", "KL of every group and channel on the test set, and active units by two rules"),
     Item("control", "which scale carries which property: transfer matrix T[scale, property] from latent swaps"),

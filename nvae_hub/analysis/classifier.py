@@ -1,13 +1,21 @@
-"""A small convolutional classifier that the ``control`` analysis trains on the training split, to tell the class
-of a decoded image."""
+"""A small convolutional classifier that the ``control`` and ``sample-quality`` analyses train on the training
+split, to tell the class of a decoded image."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
+
+from .common import AnalysisError, Inputs
+
+SETTINGS = {"full": {"images": 60000, "epochs": 2, "test_images": 10000},
+            "quick": {"images": 5000, "epochs": 2, "test_images": 1000}}
 
 
 def small_cnn(channels: int, num_classes: int) -> nn.Sequential:
@@ -51,3 +59,33 @@ def predict(net: nn.Module, images: Tensor | np.ndarray, batch_size: int = 256) 
     """The predicted class of every image, shape (N,)."""
     images = torch.as_tensor(np.asarray(images, dtype=np.float32))
     return torch.cat([net(chunk).argmax(dim=1) for chunk in images.split(batch_size)]).numpy()
+
+
+@dataclass(frozen=True)
+class FittedClassifier:
+    """A classifier trained on a data set's training split, the first test images it was scored on, its accuracy
+    on them, and the sizes used."""
+
+    net: nn.Module
+    test_x: Tensor
+    test_accuracy: float
+    sizes: dict[str, Any]
+
+
+def fit_classifier(inputs: Inputs) -> FittedClassifier:
+    """A ``small_cnn`` trained on ``inputs``' training split with the sizes of ``SETTINGS`` (quick or full) and the
+    seed of ``inputs``, scored on the first test images."""
+    train_labels = inputs.labels("train")
+    test_labels = inputs.labels()
+    if train_labels is None or test_labels is None:
+        raise AnalysisError(f"a classifier needs class labels, and the {inputs.dataset!r} data set has none")
+    settings = SETTINGS["quick" if inputs.quick else "full"]
+    net = train_classifier(inputs.images("train"), train_labels, num_images=settings["images"],
+                           epochs=settings["epochs"], seed=inputs.seed, progress=inputs.progress)
+    test = inputs.images()
+    n_test = min(len(test), settings["test_images"])
+    test_x = torch.stack([test[i] for i in range(n_test)])
+    accuracy = float(np.mean(predict(net, test_x) == test_labels[:n_test]))
+    sizes = {"classifier_train_images": min(settings["images"], len(train_labels)),
+             "classifier_epochs": settings["epochs"], "classifier_test_images": n_test}
+    return FittedClassifier(net, test_x, accuracy, sizes)

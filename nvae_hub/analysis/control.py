@@ -29,12 +29,11 @@ from nvae_hub.model import Latents
 from nvae_hub.visual import labelled_grid
 
 from . import morphology
-from .classifier import predict, train_classifier
+from .classifier import fit_classifier, predict
 from .common import AnalysisError, Inputs, Result, show_image
 
 NEEDS = ("model", "data")
 PAIRS = {"full": 500, "quick": 40}
-CLASSIFIER = {"full": {"images": 60000, "epochs": 2}, "quick": {"images": 5000, "epochs": 2}}
 SHOWN_PAIRS = 4
 
 
@@ -102,27 +101,16 @@ def transfer_matrix(model: Swapper, x_a: Tensor, x_b: Tensor, properties: Sequen
     return matrix, values
 
 
-def image_properties(inputs: Inputs, progress: bool) -> tuple[list[Property], float | None, dict[str, Any]]:
+def image_properties(inputs: Inputs) -> tuple[list[Property], float | None, dict[str, Any]]:
     """The properties measurable on ``inputs``' data, the classifier's test accuracy (None without labels) and
     the classifier's sizes."""
     model = inputs.model
     assert model is not None
     properties, accuracy, sizes = [], None, {}
-    train_labels = inputs.labels("train") if inputs.dataset is not None else None
-    if train_labels is not None:
-        mode = "quick" if inputs.quick else "full"
-        settings = CLASSIFIER[mode]
-        net = train_classifier(inputs.images("train"), train_labels, num_images=settings["images"],
-                               epochs=settings["epochs"], seed=inputs.seed, progress=progress)
-        test = inputs.images()
-        n_test = min(len(test), 10000 if mode == "full" else 1000)
-        test_x = torch.stack([test[i] for i in range(n_test)])
-        test_labels = inputs.labels()
-        assert test_labels is not None
-        accuracy = float(np.mean(predict(net, test_x) == test_labels[:n_test]))
-        sizes = {"classifier_train_images": min(settings["images"], len(train_labels)),
-                 "classifier_epochs": settings["epochs"], "classifier_test_images": n_test}
-        properties.append(Property("class", lambda images: predict(net, images), categorical=True))
+    if inputs.dataset is not None and inputs.labels("train") is not None:
+        classifier = fit_classifier(inputs)
+        accuracy, sizes = classifier.test_accuracy, classifier.sizes
+        properties.append(Property("class", lambda images: predict(classifier.net, images), categorical=True))
     if model.config.channels == 1:
         properties += [Property("thickness", morphology.thickness), Property("slant", morphology.slant)]
     if not properties:
@@ -138,7 +126,7 @@ def run(inputs: Inputs) -> Result:
     pairs = min(inputs.size(PAIRS["full"], PAIRS["quick"]), len(inputs.images()) // 2)
     if pairs < 2:
         raise AnalysisError(f"control needs at least 4 test images, the split has {len(inputs.images())}")
-    properties, accuracy, sizes = image_properties(inputs, inputs.progress)
+    properties, accuracy, sizes = image_properties(inputs)
     with seeded_eval(model, inputs.seed):
         x = torch.cat(list(scored_batches(model, inputs.images(), limit=2 * pairs, seed=inputs.seed,
                                           progress=inputs.progress, desc="pairs")))

@@ -103,7 +103,8 @@ def load_results(output_dir: str | Path) -> dict[str, dict[str, Any]]:
 
 def key_numbers(results: dict[str, dict[str, Any]]) -> str:
     """A Markdown summary of the headline numbers in ``results`` (from ``load_results``): test MSE and NLL, KL and
-    active units per group, k-NN accuracies and the transfer matrix; items not run are left out."""
+    active units per group, k-NN accuracies, the transfer matrix and the samples' classifier
+    reading; items not run are left out."""
     lines = []
     if recon := results.get("recon"):
         lines.append(f"- **Test reconstruction**: MSE per pixel {recon['mse_per_pixel']:.4f}; negative ELBO "
@@ -125,6 +126,13 @@ def key_numbers(results: dict[str, dict[str, Any]]) -> str:
                                                    for p, v in zip(control["properties"], row, strict=True))
                          for s, row in zip(control["scales"], control["transfer_matrix"], strict=True))
         lines.append(f"- **Transfer matrix T[scale, property]**: {rows}")
+    if quality := results.get("sample-quality"):
+        reading = {key: quality[key]["mean_top_probability"]
+                   for key in ("model_bn", "readjusted_bn", "real_test_images")}
+        lines.append(f"- **Samples read by a classifier** ({quality['sizes']['samples']} at T = "
+                     f"{quality['temperature']}): "
+                     f"mean top-class probability {reading['model_bn']:.3f} as drawn, {reading['readjusted_bn']:.3f} "
+                     f"with BatchNorm re-estimated; real test images {reading['real_test_images']:.3f}")
     if disentangle := results.get("disentangle"):
         scores = disentangle["scores"]["all groups"]
         lines.append("- **Disentanglement of all groups**: " + ", ".join(

@@ -1,0 +1,139 @@
+"""Sample quality as a classifier reads it: how confidently, and as which classes, a classifier trained on the data
+set reads the model's samples at temperature 0.7, against how it reads the real test images.
+
+The classifier is the small CNN of ``control``, trained here on the training split with the same settings. It reads
+``N`` samples drawn from the same noise twice: with the model's BatchNorm statistics and with statistics
+re-estimated at the temperature (``NVAE.readjust_bn``, on a copy). For each set of images, and for the real test
+images as the reference, the numbers are: the mean top-class probability (with its standard error), the fraction
+of images whose top-class probability is above 0.9, and how many images each class gets. Samples that look like
+the data score about as the test images do; malformed samples score low, and a skewed histogram shows classes that
+the model over- or under-produces.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+from torch import Tensor, nn
+
+from nvae_hub.model import NVAE
+from nvae_hub.visual import image_grid
+
+from .classifier import fit_classifier
+from .common import Inputs, Result, show_image
+
+NEEDS = ("model", "data", "labels")
+TEMPERATURE = 0.7
+SAMPLES = {"full": 4000, "quick": 200}
+CONFIDENT = 0.9
+CHUNK = 256
+SHOWN = 32  # the least confident samples (BN re-estimated) in the figure
+
+
+@torch.no_grad()
+def class_probabilities(net: nn.Module, images: Tensor, batch_size: int = 256) -> np.ndarray:
+    """The classifier's class probabilities of ``images`` (N, C, H, W), shape (N, classes)."""
+    return torch.cat([net(chunk).softmax(dim=1) for chunk in images.split(batch_size)]).numpy()
+
+
+def readout(probabilities: np.ndarray) -> dict[str, Any]:
+    """What class probabilities (N, classes) say of the images: mean top-class probability and its standard
+    error, the fraction above ``CONFIDENT``, and the number of images read as each class."""
+    top = probabilities.max(axis=1)
+    counts = np.bincount(probabilities.argmax(axis=1), minlength=probabilities.shape[1])
+    return {"mean_top_probability": float(top.mean()),
+            "mean_top_probability_stderr": float(top.std(ddof=1) / math.sqrt(len(top))) if len(top) > 1 else None,
+            f"fraction_above_{CONFIDENT}": float(np.mean(top > CONFIDENT)),
+            "class_counts": counts.tolist(),
+            "classes_present": int(np.count_nonzero(counts))}
+
+
+@torch.no_grad()
+def draw(model: NVAE, n: int, temperature: float, seed: int, *, readjust: bool) -> Tensor:
+    """``n`` samples from the noise of ``seed``, from a copy of ``model`` with its BatchNorm statistics re-estimated
+    at ``temperature`` (``readjust``) or with the learned ones; decoded ``CHUNK`` at a time."""
+    sampler = copy.deepcopy(model)
+    if readjust:
+        sampler.readjust_bn(temperature, seed=seed + 1)
+    else:
+        sampler.forget_readjusted_bn()
+    noise = sampler.sample_noise(n, seed=seed)
+    return torch.cat([sampler.decode_noise([z[i:i + CHUNK] for z in noise], temperature).cpu()
+                      for i in range(0, n, CHUNK)])
+
+
+def run(inputs: Inputs) -> Result:
+    """The classifier's reading of ``inputs.model``'s samples and of the real test images."""
+    model = inputs.model
+    assert model is not None
+    n = inputs.size(SAMPLES["full"], SAMPLES["quick"])
+    classifier = fit_classifier(inputs)
+    readings: dict[str, Any] = {"real_test_images": readout(class_probabilities(classifier.net, classifier.test_x))}
+    samples = {}
+    for key, readjust in (("model_bn", False), ("readjusted_bn", True)):
+        samples[key] = draw(model, n, TEMPERATURE, inputs.seed, readjust=readjust)
+        readings[key] = readout(class_probabilities(classifier.net, samples[key]))
+    top = class_probabilities(classifier.net, samples["readjusted_bn"]).max(axis=1)
+    least = np.argsort(top, kind="stable")[:SHOWN]
+    numbers: dict[str, Any] = {
+        "sizes": {"samples": n, **classifier.sizes},
+        "temperature": TEMPERATURE,
+        "noise_seed": inputs.seed,
+        "classifier_test_accuracy": classifier.test_accuracy,
+        **readings,
+        "definitions": {
+            "mean_top_probability": "mean over the images of the classifier's largest class probability",
+            f"fraction_above_{CONFIDENT}": f"fraction of the images whose largest class probability is above "
+                                           f"{CONFIDENT}",
+            "class_counts": "number of images the classifier reads as each class, 0 first",
+        },
+    }
+    return Result(numbers, _figure(numbers, samples["readjusted_bn"][least], top[least]))
+
+
+def _figure(numbers: dict[str, Any], least: Tensor, least_top: np.ndarray) -> Figure:
+    fig = Figure(figsize=(13, 4))
+    bars, curves, grid = fig.subplots(1, 3, gridspec_kw={"width_ratios": [1.2, 1, 1.2]})
+    names = {"real_test_images": "real test images", "model_bn": "samples, model's BN",
+             "readjusted_bn": "samples, BN re-estimated"}
+    width = 0.8 / len(names)
+    for k, (key, label) in enumerate(names.items()):
+        counts = np.asarray(numbers[key]["class_counts"], dtype=float)
+        bars.bar(np.arange(len(counts)) + (k - 1) * width, counts / counts.sum(), width, label=label)
+        curves.bar(k, numbers[key]["mean_top_probability"], 0.6,
+                   yerr=numbers[key]["mean_top_probability_stderr"] or 0.0)
+    bars.set(xlabel="class read by the classifier", ylabel="fraction of the images", xticks=range(len(counts)),
+             title="classes")
+    bars.legend(fontsize=8)
+    curves.set(xticks=range(len(names)), ylabel="mean top-class probability", ylim=(0.5, 1.0),
+               title=f"confidence (classifier test accuracy {numbers['classifier_test_accuracy']:.3f})")
+    curves.set_xticklabels([label.replace(", ", ",\n") for label in names.values()], fontsize=8)
+    show_image(grid, image_grid(least.numpy(), 8, zoom=2),
+               f"the {len(least)} least confident samples (BN re-estimated)\n"
+               f"top-class probability {least_top.min():.2f} to {least_top.max():.2f}")
+    fig.suptitle(f"{numbers['sizes']['samples']} samples at temperature {numbers['temperature']} "
+                 f"(noise seed {numbers['noise_seed']})")
+    fig.tight_layout()
+    return fig
+
+
+def section(numbers: dict[str, Any]) -> str:
+    """A table of the three readings."""
+    rows = ""
+    for key, label in (("real_test_images", "real test images"), ("model_bn", "samples, model's BatchNorm"),
+                       ("readjusted_bn", "samples, BatchNorm re-estimated")):
+        r = numbers[key]
+        error = r["mean_top_probability_stderr"]
+        rows += (f"| {label} | {r['mean_top_probability']:.3f}" + (f" ± {error:.3f}" if error is not None else "")
+                 + f" | {r[f'fraction_above_{CONFIDENT}']:.3f} | {r['classes_present']} | "
+                 f"{', '.join(map(str, r['class_counts']))} |\n")
+    return (f"How a classifier trained on the training split (test accuracy "
+            f"{numbers['classifier_test_accuracy']:.3f}) reads {numbers['sizes']['samples']} samples at temperature "
+            f"{numbers['temperature']}, and the real test images.\n\n"
+            f"| images | mean top-class probability | above {CONFIDENT} | classes present | images per class |\n"
+            "|---|---|---|---|---|\n" + rows)
