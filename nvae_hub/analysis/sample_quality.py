@@ -74,11 +74,11 @@ def run(inputs: Inputs) -> Result:
     n = inputs.size(SAMPLES["full"], SAMPLES["quick"])
     classifier = fit_classifier(inputs)
     readings: dict[str, Any] = {"real_test_images": readout(class_probabilities(classifier.net, classifier.test_x))}
-    samples = {}
-    for key, readjust in (("model_bn", False), ("readjusted_bn", True)):
-        samples[key] = draw(model, n, TEMPERATURE, inputs.seed, readjust=readjust)
-        readings[key] = readout(class_probabilities(classifier.net, samples[key]))
-    top = class_probabilities(classifier.net, samples["readjusted_bn"]).max(axis=1)
+    as_drawn = class_probabilities(classifier.net, draw(model, n, TEMPERATURE, inputs.seed, readjust=False))
+    readjusted_samples = draw(model, n, TEMPERATURE, inputs.seed, readjust=True)
+    readjusted = class_probabilities(classifier.net, readjusted_samples)
+    readings["model_bn"], readings["readjusted_bn"] = readout(as_drawn), readout(readjusted)
+    top = readjusted.max(axis=1)
     least = np.argsort(top, kind="stable")[:SHOWN]
     numbers: dict[str, Any] = {
         "sizes": {"samples": n, **classifier.sizes},
@@ -93,7 +93,7 @@ def run(inputs: Inputs) -> Result:
             "class_counts": "number of images the classifier reads as each class, 0 first",
         },
     }
-    return Result(numbers, _figure(numbers, samples["readjusted_bn"][least], top[least]))
+    return Result(numbers, _figure(numbers, readjusted_samples[least], top[least]))
 
 
 def _figure(numbers: dict[str, Any], least: Tensor, least_top: np.ndarray) -> Figure:
