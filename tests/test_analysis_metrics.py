@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from nvae_hub import NVAE, NVAEConfig
-from nvae_hub.analysis import control, curves, kl, latent_map, morphology, sample_quality
+from nvae_hub.analysis import classifier, control, curves, kl, latent_map, morphology, sample_quality, samples
 from nvae_hub.data import build_dataset
 from nvae_hub.evaluation import evaluate_nll, reconstruction_metrics
 from nvae_hub.model import Latents
@@ -168,17 +168,17 @@ def test_readout_of_hand_set_class_probabilities():
 def test_class_probabilities_are_the_softmax_of_the_logits_in_every_chunk():
     logits = torch.tensor([[2.0, 0.0, -1.0], [0.0, 0.0, 0.0], [-3.0, 1.0, 4.0], [1.0, 2.0, 3.0], [5.0, 0.0, 0.0]])
     expected = logits.exp() / logits.exp().sum(dim=1, keepdim=True)
-    got = sample_quality.class_probabilities(torch.nn.Identity(), logits, batch_size=2)
+    got = classifier.class_probabilities(torch.nn.Identity(), logits, batch_size=2)
     np.testing.assert_allclose(got, expected.numpy(), rtol=1e-6)
 
 
 def test_drawn_samples_are_the_models_samples_decoded_in_chunks_and_leave_the_model_alone():
     torch.manual_seed(0)
     model = NVAE(NVAEConfig.preset("tiny")).eval()
-    n = sample_quality.CHUNK + 44  # two chunks, the second one partial
-    as_drawn = sample_quality.draw(model, n, 0.7, seed=3, readjust=False)
+    n = samples.CHUNK + 44  # two chunks, the second one partial
+    as_drawn = torch.from_numpy(samples.sample_grid(model, (0.7,), n, seed=3, readjust=False)[0.7])
     torch.testing.assert_close(as_drawn, model.sample(n, temperature=0.7, seed=3), rtol=0, atol=0)
-    readjusted = sample_quality.draw(model, n, 0.7, seed=3, readjust=True)
+    readjusted = torch.from_numpy(samples.sample_grid(model, (0.7,), n, seed=3, readjust=True)[0.7])
     reference = copy.deepcopy(model)
     reference.readjust_bn(0.7, seed=4)
     torch.testing.assert_close(readjusted, reference.sample(n, temperature=0.7, seed=3), rtol=0, atol=0)

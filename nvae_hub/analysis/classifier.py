@@ -55,19 +55,24 @@ def train_classifier(images: Dataset[Tensor], labels: np.ndarray, *, num_images:
 
 
 @torch.no_grad()
+def class_probabilities(net: nn.Module, images: Tensor | np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """The classifier's class probabilities of ``images`` (N, C, H, W), shape (N, classes)."""
+    images = torch.as_tensor(np.asarray(images, dtype=np.float32))
+    return torch.cat([net(chunk).softmax(dim=1) for chunk in images.split(batch_size)]).numpy()
+
+
 def predict(net: nn.Module, images: Tensor | np.ndarray, batch_size: int = 256) -> np.ndarray:
     """The predicted class of every image, shape (N,)."""
-    images = torch.as_tensor(np.asarray(images, dtype=np.float32))
-    return torch.cat([net(chunk).argmax(dim=1) for chunk in images.split(batch_size)]).numpy()
+    return class_probabilities(net, images, batch_size).argmax(axis=1)
 
 
 @dataclass(frozen=True)
 class FittedClassifier:
-    """A classifier trained on a data set's training split, the first test images it was scored on, its accuracy
-    on them, and the sizes used."""
+    """A classifier trained on a data set's training split, its class probabilities of the first test images, its
+    accuracy on them, and the sizes used."""
 
     net: nn.Module
-    test_x: Tensor
+    test_probabilities: np.ndarray
     test_accuracy: float
     sizes: dict[str, Any]
 
@@ -84,8 +89,8 @@ def fit_classifier(inputs: Inputs) -> FittedClassifier:
                            epochs=settings["epochs"], seed=inputs.seed, progress=inputs.progress)
     test = inputs.images()
     n_test = min(len(test), settings["test_images"])
-    test_x = torch.stack([test[i] for i in range(n_test)])
-    accuracy = float(np.mean(predict(net, test_x) == test_labels[:n_test]))
+    probabilities = class_probabilities(net, torch.stack([test[i] for i in range(n_test)]))
+    accuracy = float(np.mean(probabilities.argmax(axis=1) == test_labels[:n_test]))
     sizes = {"classifier_train_images": min(settings["images"], len(train_labels)),
              "classifier_epochs": settings["epochs"], "classifier_test_images": n_test}
-    return FittedClassifier(net, test_x, accuracy, sizes)
+    return FittedClassifier(net, probabilities, accuracy, sizes)

@@ -103,8 +103,8 @@ def load_results(output_dir: str | Path) -> dict[str, dict[str, Any]]:
 
 def key_numbers(results: dict[str, dict[str, Any]]) -> str:
     """A Markdown summary of the headline numbers in ``results`` (from ``load_results``): test MSE and NLL, KL and
-    active units per group, k-NN accuracies, the transfer matrix and the samples' classifier
-    reading; items not run are left out."""
+    active units per group, k-NN accuracies, the transfer matrix and the classifier's reading of the samples;
+    items not run are left out."""
     lines = []
     if recon := results.get("recon"):
         lines.append(f"- **Test reconstruction**: MSE per pixel {recon['mse_per_pixel']:.4f}; negative ELBO "

@@ -2,43 +2,33 @@
 set reads the model's samples at temperature 0.7, against how it reads the real test images.
 
 The classifier is the small CNN of ``control``, trained here on the training split with the same settings. It reads
-``N`` samples drawn from the same noise twice: with the model's BatchNorm statistics and with statistics
-re-estimated at the temperature (``NVAE.readjust_bn``, on a copy). For each set of images, and for the real test
-images as the reference, the numbers are: the mean top-class probability (with its standard error), the fraction
-of images whose top-class probability is above 0.9, and how many images each class gets. Samples that look like
-the data score about as the test images do; malformed samples score low, and a skewed histogram shows classes that
-the model over- or under-produces.
+``N`` samples drawn from the same noise twice (``samples.sample_grid``): with the model's BatchNorm statistics and
+with statistics re-estimated at the temperature (``NVAE.readjust_bn``, on a copy). For each set of images, and for
+the real test images as the reference, the numbers are: the mean top-class probability (with its standard error),
+the fraction of images whose top-class probability is above 0.9, and how many images each class gets. Samples that
+look like the data score about as the test images do; malformed samples score low, and a skewed histogram shows
+classes that the model over- or under-produces.
 """
 
 from __future__ import annotations
 
-import copy
 import math
 from typing import Any
 
 import numpy as np
-import torch
 from matplotlib.figure import Figure
-from torch import Tensor, nn
 
-from nvae_hub.model import NVAE
 from nvae_hub.visual import image_grid
 
-from .classifier import fit_classifier
+from .classifier import class_probabilities, fit_classifier
 from .common import Inputs, Result, show_image
+from .samples import sample_grid
 
 NEEDS = ("model", "data", "labels")
 TEMPERATURE = 0.7
 SAMPLES = {"full": 4000, "quick": 200}
 CONFIDENT = 0.9
-CHUNK = 256
 SHOWN = 32  # the least confident samples (BN re-estimated) in the figure
-
-
-@torch.no_grad()
-def class_probabilities(net: nn.Module, images: Tensor, batch_size: int = 256) -> np.ndarray:
-    """The classifier's class probabilities of ``images`` (N, C, H, W), shape (N, classes)."""
-    return torch.cat([net(chunk).softmax(dim=1) for chunk in images.split(batch_size)]).numpy()
 
 
 def readout(probabilities: np.ndarray) -> dict[str, Any]:
@@ -53,31 +43,18 @@ def readout(probabilities: np.ndarray) -> dict[str, Any]:
             "classes_present": int(np.count_nonzero(counts))}
 
 
-@torch.no_grad()
-def draw(model: NVAE, n: int, temperature: float, seed: int, *, readjust: bool) -> Tensor:
-    """``n`` samples from the noise of ``seed``, from a copy of ``model`` with its BatchNorm statistics re-estimated
-    at ``temperature`` (``readjust``) or with the learned ones; decoded ``CHUNK`` at a time."""
-    sampler = copy.deepcopy(model)
-    if readjust:
-        sampler.readjust_bn(temperature, seed=seed + 1)
-    else:
-        sampler.forget_readjusted_bn()
-    noise = sampler.sample_noise(n, seed=seed)
-    return torch.cat([sampler.decode_noise([z[i:i + CHUNK] for z in noise], temperature).cpu()
-                      for i in range(0, n, CHUNK)])
-
-
 def run(inputs: Inputs) -> Result:
     """The classifier's reading of ``inputs.model``'s samples and of the real test images."""
     model = inputs.model
     assert model is not None
     n = inputs.size(SAMPLES["full"], SAMPLES["quick"])
     classifier = fit_classifier(inputs)
-    readings: dict[str, Any] = {"real_test_images": readout(class_probabilities(classifier.net, classifier.test_x))}
-    as_drawn = class_probabilities(classifier.net, draw(model, n, TEMPERATURE, inputs.seed, readjust=False))
-    readjusted_samples = draw(model, n, TEMPERATURE, inputs.seed, readjust=True)
+    drawn = sample_grid(model, (TEMPERATURE,), n, inputs.seed, readjust=False)[TEMPERATURE]
+    readjusted_samples = sample_grid(model, (TEMPERATURE,), n, inputs.seed, readjust=True)[TEMPERATURE]
+    as_drawn = class_probabilities(classifier.net, drawn)
     readjusted = class_probabilities(classifier.net, readjusted_samples)
-    readings["model_bn"], readings["readjusted_bn"] = readout(as_drawn), readout(readjusted)
+    readings: dict[str, Any] = {"real_test_images": readout(classifier.test_probabilities),
+                                "model_bn": readout(as_drawn), "readjusted_bn": readout(readjusted)}
     top = readjusted.max(axis=1)
     least = np.argsort(top, kind="stable")[:SHOWN]
     numbers: dict[str, Any] = {
@@ -96,7 +73,7 @@ def run(inputs: Inputs) -> Result:
     return Result(numbers, _figure(numbers, readjusted_samples[least], top[least]))
 
 
-def _figure(numbers: dict[str, Any], least: Tensor, least_top: np.ndarray) -> Figure:
+def _figure(numbers: dict[str, Any], least: np.ndarray, least_top: np.ndarray) -> Figure:
     fig = Figure(figsize=(13, 4))
     bars, curves, grid = fig.subplots(1, 3, gridspec_kw={"width_ratios": [1.2, 1, 1.2]})
     names = {"real_test_images": "real test images", "model_bn": "samples, model's BN",
@@ -113,7 +90,7 @@ def _figure(numbers: dict[str, Any], least: Tensor, least_top: np.ndarray) -> Fi
     curves.set(xticks=range(len(names)), ylabel="mean top-class probability", ylim=(0.5, 1.0),
                title=f"confidence (classifier test accuracy {numbers['classifier_test_accuracy']:.3f})")
     curves.set_xticklabels([label.replace(", ", ",\n") for label in names.values()], fontsize=8)
-    show_image(grid, image_grid(least.numpy(), 8, zoom=2),
+    show_image(grid, image_grid(least, 8, zoom=2),
                f"the {len(least)} least confident samples (BN re-estimated)\n"
                f"top-class probability {least_top.min():.2f} to {least_top.max():.2f}")
     fig.suptitle(f"{numbers['sizes']['samples']} samples at temperature {numbers['temperature']} "

@@ -28,13 +28,15 @@ NUM_SAMPLES = 32
 COLUMNS = 8
 BN_BATCHES = {"full": 20, "quick": 2}
 BN_BATCH_SIZE = {"full": 64, "quick": 16}
+CHUNK = 256  # samples decoded at a time
 
 
 @torch.no_grad()
 def sample_grid(model: NVAE, temperatures: tuple[float, ...], n: int, seed: int, *, readjust: bool,
                 bn_batches: int = 20, bn_batch_size: int = 64, progress: bool = False) -> dict[float, np.ndarray]:
     """``n`` samples per temperature from the same noise (``seed``), (n, C, H, W) arrays, from a copy of the model:
-    with ``readjust`` its BatchNorm statistics re-estimated at each temperature, else the learned ones."""
+    with ``readjust`` its BatchNorm statistics re-estimated at each temperature, else the learned ones. Decoded
+    ``CHUNK`` samples at a time."""
     noise = model.sample_noise(n, seed=seed)
     out = {}
     for t in tqdm(temperatures, desc="samples" + (" (BN re-estimated)" if readjust else ""), disable=not progress):
@@ -43,7 +45,8 @@ def sample_grid(model: NVAE, temperatures: tuple[float, ...], n: int, seed: int,
             sampler.readjust_bn(t, num_batches=bn_batches, batch_size=bn_batch_size, seed=seed + 1)
         else:
             sampler.forget_readjusted_bn()
-        out[t] = sampler.decode_noise(noise, t).cpu().numpy()
+        out[t] = np.concatenate([sampler.decode_noise([z[i:i + CHUNK] for z in noise], t).cpu().numpy()
+                                 for i in range(0, n, CHUNK)])
     return out
 
 
