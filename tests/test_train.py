@@ -294,6 +294,14 @@ def test_two_processes_train_the_same_model(tmp_path, monkeypatch):
     card = (tmp_path / "final" / "README.md").read_text()
     assert "accelerate launch --num_processes 2" in card
 
+    # Resuming: each process's device is then "cpu:0", which safetensors refused to load onto until it was mapped to
+    # "cpu".
+    resumed = python(*launch, "train/run.py", *TINY, "--max-steps", "6", "--output-dir", str(tmp_path), "--resume",
+                     timeout=300)
+    assert "resumed from" in resumed.stdout and "step-00000004 at step 4" in resumed.stdout
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["steps"] == 6 and len(set(summary["replica_checksums"])) == 1
+
 
 # ---------------------------------------------------------------------------------------------- the CLIs
 

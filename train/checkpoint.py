@@ -271,10 +271,11 @@ def load_checkpoint(
     The RNG state is restored only if the checkpoint was written by the same number of processes.
     """
     state = json.loads((path / "state.json").read_text())
-    device = accelerator.device
-    model.load_state_dict(load_file(path / "model.safetensors", device=str(device)))
-    ema.load_state_dict(load_file(path / "ema.safetensors", device=str(device)))
-    tensors = load_file(path / "optimizer.safetensors", device=str(device))
+    # safetensors knows "cpu" but not "cpu:0", the device of every process that `accelerate launch` starts on CPUs.
+    device = "cpu" if accelerator.device.type == "cpu" else str(accelerator.device)
+    model.load_state_dict(load_file(path / "model.safetensors", device=device))
+    ema.load_state_dict(load_file(path / "ema.safetensors", device=device))
+    tensors = load_file(path / "optimizer.safetensors", device=device)
     optimizer.load_state_dict(optimizer_from_flat(tensors, state["optimizer"]))
     if state["num_processes"] == accelerator.num_processes:
         load_rng_state(path / f"rng-{accelerator.process_index}.safetensors")
