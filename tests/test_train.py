@@ -91,6 +91,7 @@ def test_training_lowers_the_loss_and_exports_a_loadable_model(trained):
     assert set(summary["test"]) == {"test_nll_nats", "test_bits_per_dim"}
     card = (out / "final" / "README.md").read_text()
     assert "train/run.py --preset tiny --dataset synthetic" in card and "test_nll_nats" in card
+    assert f"| 1 x CPU ({os.cpu_count()} cores), mixed precision no |" in card
 
     [(pushed, repo_id, info, _)] = pushes
     assert repo_id == "someone/tiny-nvae" and info.steps == 40 and info.dataset == "synthetic"
@@ -293,6 +294,7 @@ def test_two_processes_train_the_same_model(tmp_path, monkeypatch):
         "rng-0.safetensors", "rng-1.safetensors"}
     card = (tmp_path / "final" / "README.md").read_text()
     assert "accelerate launch --num_processes 2" in card
+    assert f"| 2 processes on a CPU ({os.cpu_count()} cores), mixed precision no |" in card
 
     # Resuming: each process's device is then "cpu:0", which safetensors refused to load onto until it was mapped to
     # "cpu".

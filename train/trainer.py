@@ -147,10 +147,15 @@ def initial_model(args: argparse.Namespace) -> NVAE | None:
 
 
 def hardware_description(accelerator: Accelerator) -> str:
-    """E.g. '2 x NVIDIA H100 80GB HBM3, mixed precision bf16' or '1 x CPU (16 cores), mixed precision no'."""
-    device = accelerator.device
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
-    return f"{accelerator.num_processes} x {name}, mixed precision {accelerator.mixed_precision}"
+    """E.g. '2 x NVIDIA H100 80GB HBM3, mixed precision bf16', '1 x CPU (16 cores), mixed precision no' or, where
+    several processes share the CPU cores, '2 processes on a CPU (2 cores), mixed precision no'."""
+    device, processes = accelerator.device, accelerator.num_processes
+    if device.type == "cuda":
+        where = f"{processes} x {torch.cuda.get_device_name(device)}"
+    else:
+        where = f"{processes} processes on a CPU" if processes > 1 else "1 x CPU"
+        where += f" ({os.cpu_count()} cores)"
+    return f"{where}, mixed precision {accelerator.mixed_precision}"
 
 
 def parameter_checksum(model: nn.Module) -> float:
