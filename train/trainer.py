@@ -152,9 +152,10 @@ def hardware_description(accelerator: Accelerator) -> str:
     device, processes = accelerator.device, accelerator.num_processes
     if device.type == "cuda":
         where = f"{processes} x {torch.cuda.get_device_name(device)}"
+    elif processes > 1:
+        where = f"{processes} processes on a CPU ({os.cpu_count()} cores)"
     else:
-        where = f"{processes} processes on a CPU" if processes > 1 else "1 x CPU"
-        where += f" ({os.cpu_count()} cores)"
+        where = f"1 x CPU ({os.cpu_count()} cores)"
     return f"{where}, mixed precision {accelerator.mixed_precision}"
 
 
